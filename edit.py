@@ -1,0 +1,209 @@
+"""Edit the fine-tuned photo with a text prompt, at any size (SINE, Sec. 3.2 and 3.3).
+
+    python edit.py --target "... covered by snow"
+
+"..." stands for the training prompt without [*] ("a photo of a castle covered by snow").
+`--K` and `--v` take comma-separated lists: every combination is rendered from the same seed,
+plus a labelled grid. With two or more --finetuned files, "/" separates per-model values:
+`--v 0.8/0.9 --K 400/600`. `--finetuned none` is plain SD text-to-image from the base.
+"""
+import argparse
+import glob
+import itertools
+import json
+import os
+
+import torch
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+import cli
+import sine
+from model import load_sd, read_header
+from model.loader import fingerprint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SINE model-guided editing.")
+    p.add_argument("--target", required=True, help='the edit, e.g. "... covered by snow"')
+    p.add_argument("--finetuned", nargs="+", help="fine-tuned file(s) from train.py (default: the newest); none: plain SD")
+    p.add_argument("--base", help="SD v1 .safetensors (default: the one file in weights/)")
+    p.add_argument("--K", default="400", help="guide with the fine-tuned model while t > K (0..1000); a list sweeps")
+    p.add_argument("--v", default="0.7", help="share of the pre-trained prediction (0..1); a list sweeps")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance weight w")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")
+    p.add_argument("--height", type=int, help="multiple of 64 (default: the photo's aspect, 512 on the short side)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="samples, with seeds seed, seed+1, ...")
+    p.add_argument("--out", default="outputs", help="folder for the PNGs")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    return p.parse_args(argv)
+
+
+def parse_sweep(text, flag, n_models, kind, low, high):
+    """'400,600' -> [(400,), (600,)] ; with 2 models '400/600' -> [(400, 600)]."""
+    values = []
+    for item in text.split(","):
+        parts = item.split("/")
+        if len(parts) not in (1, n_models):
+            raise ValueError(f"--{flag} {item}: give one value, or one per fine-tuned model separated by '/'")
+        try:
+            numbers = [kind(x) for x in parts]
+        except ValueError:
+            raise ValueError(f"--{flag} {item}: not a number") from None
+        if not all(low <= x <= high for x in numbers):
+            raise ValueError(f"--{flag} {item}: must be between {low} and {high}")
+        values.append(tuple(numbers) * (n_models if len(parts) == 1 else 1))
+    return values
+
+
+def check_size(value, flag):
+    if value is not None and (value < 64 or value % 64):
+        below, above = max(64, value // 64 * 64), max(64, -(-value // 64) * 64)
+        raise ValueError(f"--{flag} {value}: must be a multiple of 64 (nearest: {below} or {above})")
+
+
+def default_size(source_size, height, width):
+    """The source photo's aspect ratio with 512 on the short side, rounded to multiples of 64."""
+    w, h = source_size
+    scale = 512 / min(w, h)
+    return height or max(64, round(h * scale / 64) * 64), width or max(64, round(w * scale / 64) * 64)
+
+
+def find_finetuned(paths):
+    if paths == ["none"]:
+        return []
+    if paths:
+        return paths
+    found = sorted(glob.glob(os.path.join(cli.FINETUNED_DIR, "*.safetensors")), key=os.path.getmtime)
+    found = [p for p in found if not p.endswith(".resume.safetensors")]
+    if not found:
+        raise ValueError(f"no fine-tuned file in {cli.FINETUNED_DIR}/: run train.py first, "
+                         "pass --finetuned PATH, or --finetuned none for plain SD")
+    cli.say(f"fine-tuned: {found[-1]} (the newest in {cli.FINETUNED_DIR}/)")
+    return found[-1:]
+
+
+def read_finetuned(path, base):
+    metadata = read_header(path).get("__metadata__") or {}
+    if "sine.finetuned" not in metadata:
+        raise ValueError(f"{path} is not a fine-tuned file from train.py (it looks like a base checkpoint: "
+                         "pass it as --base)")
+    if metadata["base_fingerprint"] != fingerprint(base):
+        raise ValueError(f"{path} was fine-tuned from {metadata['base']}, not {os.path.basename(base)}: "
+                         f"pass that file as --base")
+    return metadata
+
+
+def check_args(args):
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+    if args.scale < 0:
+        raise ValueError(f"--scale must be 0 or more (got {args.scale})")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1 (got {args.n})")
+    if not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta must be between 0 and 1 (got {args.eta})")
+    check_size(args.height, "height")
+    check_size(args.width, "width")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def write_png(image, folder, stem, parameters):
+    """Save under a name that is not taken yet (never overwrite); return the path."""
+    for i in itertools.count():
+        path = os.path.join(folder, f"{stem}{'' if i == 0 else f'-{i}'}.png")
+        try:
+            with open(path, "xb") as f:
+                info = PngInfo()
+                info.add_text("parameters", json.dumps(parameters))
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            continue
+
+
+def to_pil(pixels):
+    array = ((pixels[0].float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return Image.fromarray(array.numpy())
+
+
+def grid_image(cells, rows, cols):
+    """cells: {(row, col): (image, label)} -> one image, labels drawn on each cell."""
+    w, h = next(iter(cells.values()))[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for (r, c), (image, label) in cells.items():
+        grid.paste(image, (c * w, r * h))
+        draw.rectangle([c * w, r * h, c * w + 8 * len(label) + 8, r * h + 16], fill="black")
+        draw.text((c * w + 4, r * h + 2), label, fill="white")
+    return grid
+
+
+def label(K, v):
+    show = lambda xs: "/".join(f"{x:g}" for x in xs)
+    return f"K={show(K)} v={show(v)}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        files = find_finetuned(args.finetuned)
+        Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
+        vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)
+        if not files:
+            Ks, vs = Ks[:1], vs[:1]  # nothing to sweep without a fine-tuned model
+        if any(sum(1 - x for x in v) > 1 for v in vs):
+            raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
+        args.base = cli.find_base(args.base)
+        metadata = [read_finetuned(path, args.base) for path in files]
+        if args.target.startswith("...") and not metadata:
+            raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
+        first = metadata[0] if metadata else {"source_size": "512x512", "prompt": ""}
+        height, width = default_size(tuple(int(x) for x in first["source_size"].split("x")), args.height, args.width)
+        device = cli.pick_device(args.device)
+        cli.check_writable_folder(os.path.join(args.out, "x.png"))
+        sd = load_sd(args.base, device=device)
+        finetuned = [sine.apply_finetuned(load_sd(args.base, device=device), path) for path in files]
+    except (ValueError, OSError) as e:
+        cli.fail(e)
+    cli.say(f"base: {sd.description}")
+
+    target = sine.target_prompt(args.target, first["prompt"])
+    encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(device))
+    with torch.no_grad():
+        cond, uncond = encode(sd, target), encode(sd, "")
+        guides = [sine.Guide(ft.unet, encode(ft, sine.training_prompt(meta["prompt"])),
+                             sine.full_position_map(ft.config.unet.model_channels, (height // 8, width // 8), device)
+                             if meta["position_map"] == "True" else None)
+                  for ft, meta in zip(finetuned, metadata)]
+    cli.say(f"target: {target!r}, {width}x{height}")
+
+    for i in range(args.n):
+        seed = args.seed + i
+        cells = {}
+        for (r, K), (c, v) in itertools.product(enumerate(Ks), enumerate(vs)):
+            for guide, K_i, v_i in zip(guides, K, v):
+                guide.K, guide.v = K_i, v_i
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(device)
+            pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator)
+            parameters = {"target": target, "training_prompts": [m["prompt"] for m in metadata],
+                          "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,
+                          "steps": args.steps, "eta": args.eta, "seed": seed, "width": width, "height": height,
+                          "base": os.path.basename(args.base), "finetuned": [os.path.basename(f) for f in files]}
+            image = to_pil(pixels)
+            stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")
+            print(write_png(image, args.out, stem, parameters))
+            cells[r, c] = (image, label(K, v))
+        if len(cells) > 1:
+            print(write_png(grid_image(cells, len(Ks), len(vs)), args.out, f"seed{seed}-grid",
+                            {"grid": "rows K, columns v", "K": args.K, "v": args.v, "seed": seed, "target": target}))
+
+
+if __name__ == "__main__":
+    main()

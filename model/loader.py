@@ -1,0 +1,213 @@
+"""Loading a Stable Diffusion v1 checkpoint: one flat safetensors file, three models inside.
+
+    model.diffusion_model.*                    -> UNet
+    first_stage_model.*                        -> VAE
+    cond_stage_model.transformer.text_model.*  -> TextEncoder  (some files omit `text_model.`)
+
+Our modules are named exactly like these keys, so loading is: strip the prefix, then
+`load_state_dict(strict=True)`. No mapping table.
+
+A checkpoint is an untrusted download. We never unpickle one (`.ckpt`, `.pt` and `.bin` files can
+run code when loaded), and we read the safetensors header ourselves and check it against the
+file's size before trusting it. Every problem a user can cause is a `CheckpointError` whose
+message is one line saying what to do.
+"""
+import hashlib
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors import safe_open
+
+from .clip import CLIPConfig, TextEncoder
+from .tokenizer import Tokenizer
+from .unet import UNet, UNetConfig
+from .vae import VAE, VAEConfig
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.text_model.",
+}
+CONFIG_KEY = "sd_config"        # safetensors metadata of a non-SD-v1-size file (e.g. model.tiny)
+MAX_HEADER_BYTES = 100_000_000  # a real SD header is ~100 kB; a huge one is an attack or garbage
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A problem with a checkpoint file that the user can fix; the message is one line."""
+
+
+@dataclass
+class SDConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: CLIPConfig = field(default_factory=CLIPConfig)
+
+    def to_json(self):
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text):
+        parts = json.loads(text)
+        tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(UNetConfig(**tuples(parts["unet"])), VAEConfig(**tuples(parts["vae"])),
+                   CLIPConfig(**tuples(parts["text_encoder"])))
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNet
+    vae: VAE
+    text_encoder: TextEncoder
+    tokenizer: Tokenizer
+    config: SDConfig
+    description: str  # what was loaded, e.g. "SD v1, EMA UNet weights, stored as fp16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the file safely
+
+def _pickle_error(path):
+    return CheckpointError(f"{path} is a pickle file, which can run code when loaded; it was not opened. "
+                           "Convert it to .safetensors first (or download the .safetensors version).")
+
+
+def read_header(path):
+    """Validate a safetensors file without trusting it; return its header dict (tensors + metadata)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file" if not os.path.exists(path) else f"{path} is not a file")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise _pickle_error(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        # A pickle starts with the PROTO opcode 0x80; torch.save's zip format starts with "PK".
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise _pickle_error(path)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path} is not a valid safetensors file (its header claims {header_len} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)")
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(f"{path} is truncated: {size} bytes on disk, {8 + header_len + data_end} "
+                              "expected. Download it again.")
+    return header
+
+
+def fingerprint(path):
+    """A short id of a checkpoint's contents: its header plus 64 samples of its data (fast on 4 GB)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        f.seek(0)
+        digest.update(f.read(8 + header_len))
+        for i in range(64):
+            f.seek(8 + header_len + (size - 8 - header_len) * i // 64)
+            digest.update(f.read(4096))
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising what a file holds
+
+def describe_other_model(header):
+    """Name the model family of a file that is not SD v1, or return None if it looks like SD v1."""
+    keys = header.keys()
+    shape = lambda k: header[k]["shape"] if k in header else None
+    if any(k.startswith(("conditioner.embedders", "model.diffusion_model.label_emb")) for k in keys):
+        return "an SDXL checkpoint"
+    if any(k.startswith("cond_stage_model.model.") for k in keys) or \
+            len(shape("model.diffusion_model.input_blocks.1.1.proj_in.weight") or [0, 0, 1, 1]) == 2:
+        return "an SD 2.x checkpoint"
+    first_conv = shape("model.diffusion_model.input_blocks.0.0.weight")
+    if first_conv and first_conv[1] != 4:
+        return f"an inpainting or depth checkpoint (its UNet takes {first_conv[1]} input channels)"
+    if not any(k.startswith(PREFIXES["unet"]) for k in keys):
+        return "not a Stable Diffusion checkpoint"
+    return None
+
+
+def _route(key):
+    """Which part a file key belongs to, and its name inside that part (None: ignore the key)."""
+    if "." not in key or key.endswith("position_ids") or key in ("model_ema.decay", "model_ema.num_updates"):
+        return "ignore", None  # schedule buffers, EMA bookkeeping, CLIP's stored position ids
+    if key.startswith("model_ema."):
+        return "ema", key
+    if key.startswith("cond_stage_model.transformer.") and not key.startswith(PREFIXES["text_encoder"]):
+        key = key.replace("cond_stage_model.transformer.", PREFIXES["text_encoder"], 1)
+    for part, prefix in PREFIXES.items():
+        if key.startswith(prefix):
+            return part, key[len(prefix):]
+    return "unexpected", key
+
+
+def _first(names, n=3):
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _load_part(module, names, path, device, dtype):
+    """Fill a module built on the meta device with tensors read one at a time from the file."""
+    expected = module.state_dict().keys()
+    missing, unexpected = set(expected) - set(names), set(names) - set(expected)
+    if missing or unexpected:
+        problem = f"missing keys {_first(missing)}" if missing else f"unexpected keys {_first(unexpected)}"
+        raise CheckpointError(f"{path} does not match the SD v1 layout: {problem}")
+    with safe_open(path, framework="pt") as f:
+        state = {name: f.get_tensor(file_key).to(device=device, dtype=dtype) for name, file_key in names.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
+    """Load an SD v1 safetensors checkpoint (or a `model.tiny` one) into our modules."""
+    header = read_header(path)
+    path = os.fspath(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if "sine.finetuned" in metadata:
+        raise CheckpointError(f"{path} is a SINE fine-tuned file, not a base checkpoint; "
+                              "pass it to edit.py --finetuned and give the SD v1 file as --base")
+    other = describe_other_model(header)
+    if other:
+        raise CheckpointError(f"{path} is {other}; sine needs a Stable Diffusion v1 file (e.g. v1-5-pruned-emaonly.safetensors)")
+    config = SDConfig.from_json(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else SDConfig()
+
+    names = {"unet": {}, "vae": {}, "text_encoder": {}, "ema": {}, "unexpected": {}, "ignore": {}}
+    for key in header:
+        part, name = _route(key)
+        names[part][name] = key
+    if names["unexpected"]:
+        raise CheckpointError(f"{path} has keys that SD v1 does not: {_first(names['unexpected'])}")
+
+    with torch.device("meta"):
+        unet, vae, text_encoder = UNet(config.unet), VAE(config.vae), TextEncoder(config.text_encoder)
+    use_ema = ema and bool(names["ema"])
+    if use_ema:
+        # "Full" files keep EMA weights under model_ema.*, with the dots removed from the UNet key.
+        names["unet"] = {name: "model_ema." + ("diffusion_model." + name).replace(".", "")
+                         for name in unet.state_dict()}
+        missing = [k for k in names["unet"].values() if k not in header]
+        if missing:
+            raise CheckpointError(f"{path} has incomplete EMA weights: missing {_first(missing)}")
+    _load_part(unet, names["unet"], path, device, dtype)
+    _load_part(vae, names["vae"], path, device, dtype)
+    _load_part(text_encoder, names["text_encoder"], path, device, dtype)
+
+    stored = {v["dtype"] for k, v in header.items() if k.startswith("model.diffusion_model.")}
+    description = (f"{os.path.basename(path)}: {'tiny test model' if CONFIG_KEY in metadata else 'SD v1'}, "
+                   f"{'EMA' if use_ema else 'non-EMA' if names['ema'] else 'the file'}'s UNet weights, "
+                   f"stored as {'/'.join(sorted(stored)).lower()}")
+    return StableDiffusion(unet, vae, text_encoder, Tokenizer(), config, description)

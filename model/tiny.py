@@ -1,0 +1,68 @@
+"""Write a randomly initialised checkpoint in the exact SD v1 file layout, small or full size.
+
+    python -m model.tiny weights/tiny.safetensors          # ~10 MB, seconds on a CPU
+    python -m model.tiny --full /tmp/random-sd.safetensors # SD v1 size (4 GB), for tests
+
+The real weights are a 4 GB download, so tests and the one-minute install check run on these.
+A tiny file records its config in the safetensors metadata; `load_sd` reads it from there.
+Its pictures are noise: the point is that every code path runs and every shape is right.
+"""
+import argparse
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from .clip import CLIPConfig, TextEncoder
+from .loader import CONFIG_KEY, PREFIXES, SDConfig
+from .unet import UNet, UNetConfig
+from .vae import VAE, VAEConfig
+
+# Widths are multiples of 32 because every GroupNorm has 32 groups. The VAE keeps four levels so
+# that latents stay 1/8 of the image, as in SD v1; the UNet keeps four levels so that sizes must
+# be multiples of 64 pixels, as in SD v1.
+TINY = SDConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), attention_levels=(1, 2),
+                    num_heads=2, context_dim=64),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
+    text_encoder=CLIPConfig(width=64, layers=2, heads=2, mlp_width=128),
+)
+
+
+def random_state_dict(config: SDConfig, seed=0):
+    """Every tensor of the file, keyed as in SD v1, with random values.
+
+    PyTorch's default init leaves norm weights at 1 and many biases at 0; we perturb every tensor
+    so that a swapped or misplaced weight changes the output and a parity test can see it.
+    """
+    torch.manual_seed(seed)
+    state = {}
+    for part, module in (("unet", UNet(config.unet)), ("vae", VAE(config.vae)),
+                         ("text_encoder", TextEncoder(config.text_encoder))):
+        for name, tensor in module.state_dict().items():
+            scale = tensor.float().std().item() if tensor.numel() > 1 else 0.0
+            tensor += torch.randn_like(tensor) * (0.1 if scale == 0.0 else 0.1 * scale)
+            state[PREFIXES[part] + name] = tensor.contiguous()
+        del module
+    return state
+
+
+def write_checkpoint(path, config: SDConfig, seed=0, dtype=torch.float32, record_config=True):
+    state = {k: v.to(dtype) for k, v in random_state_dict(config, seed).items()}
+    save_file(state, path, metadata={CONFIG_KEY: config.to_json()} if record_config else None)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="where to write the .safetensors file")
+    parser.add_argument("--full", action="store_true", help="SD v1 size instead of tiny (4 GB, slow)")
+    parser.add_argument("--fp16", action="store_true", help="store the weights as fp16")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_checkpoint(args.out, SDConfig() if args.full else TINY, args.seed,
+                     torch.float16 if args.fp16 else torch.float32, record_config=not args.full)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The KL autoencoder ("VAE") of Stable Diffusion v1: 8x compression between pixels and latents.
+
+The diffusion model never sees pixels. The encoder maps an image (B, 3, H, W) in [-1, 1] to a
+Gaussian over latents (B, 4, H/8, W/8); the decoder maps latents back to pixels.
+
+The latents that the UNet was trained on are the encoder's mean times LATENT_SCALE = 0.18215
+(chosen by the SD authors so that the latents have unit variance). We keep that multiplication
+out of this file on purpose: `encode` and `decode` work on *unscaled* latents, and the caller
+scales them where a reader can see it.
+
+Attribute names follow the checkpoint keys under `first_stage_model.`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+
+LATENT_SCALE = 0.18215
+
+
+@dataclass
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)  # one level per entry; every level but the last halves H and W
+    num_res_blocks: int = 2
+    z_channels: int = 4
+
+
+def Normalize(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)  # the VAE's GroupNorms all use eps 1e-6
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels; q, k, v are 1x1 convs in the checkpoint."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # Asymmetric: pad only right and bottom, then a stride-2 conv without padding.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution: a few ResnetBlocks, then (except at one end) a Downsample or an Upsample."""
+
+    def __init__(self, in_channels, out_channels, num_blocks, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks))
+        if resample == "down":
+            self.downsample = Downsample(out_channels)
+        elif resample == "up":
+            self.upsample = Upsample(out_channels)
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                x = getattr(self, name)(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            Level(([cfg.ch] + widths)[i], w, cfg.num_res_blocks, "down" if i < last else None)
+            for i, w in enumerate(widths))
+        self.mid = Mid(widths[-1])
+        self.norm_out = Normalize(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = Mid(widths[-1])
+        # Stored in the checkpoint from high to low resolution (up.0 is the last to run), so we
+        # build the list in that order and run it reversed.
+        self.up = nn.ModuleList(
+            Level((widths[1:] + widths[-1:])[i], w, cfg.num_res_blocks + 1, "up" if i > 0 else None)
+            for i, w in enumerate(widths))
+        self.norm_out = Normalize(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig = VAEConfig()):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def encode(self, images):
+        """images (B, 3, H, W) in [-1, 1] -> mean, logvar, each (B, 4, H/8, W/8), unscaled."""
+        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, latents):
+        """unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(latents))

@@ -1,0 +1,304 @@
+"""SINE: SINgle image Editing with text-to-image diffusion models (Zhang et al., arXiv 2212.04489).
+
+The method, top to bottom. Stable Diffusion v1 itself lives in model/.
+
+  1. Prompts: `[*]` marks the thing being learned.
+  2. The position map (Sec. 3.3): where in the image a crop came from.
+  3. Patch-based fine-tuning (Sec. 3.3): random crops, the loss, one training step.
+  4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
+  5. The fine-tuned file: the difference from the base weights, plus what edit.py needs.
+
+Numbers that the paper leaves open come from the authors' code (see SPEC.md in the team docs).
+"""
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import LATENT_SCALE
+from model.ddim import classifier_free_guidance, sample
+from model.loader import PREFIXES, fingerprint
+from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0
+
+# ---------------------------------------------------------------------------------------------
+# 1. Prompts
+
+PLACEHOLDER = "[*]"
+IDENTIFIER = "sks"  # a rare token that the fine-tuning binds to the photo (DreamBooth's choice)
+
+
+def training_prompt(prompt):
+    """'a photo of a [*] castle' -> 'a photo of a sks castle'"""
+    if PLACEHOLDER not in prompt:
+        raise ValueError(f'the training prompt needs the identifier {PLACEHOLDER}, e.g. "a photo of a [*] castle"')
+    return prompt.replace(PLACEHOLDER, IDENTIFIER)
+
+
+def target_prompt(target, prompt):
+    """'... covered by snow' -> 'a photo of a castle covered by snow' (the training prompt without [*])."""
+    if not target.startswith("..."):
+        return target
+    return " ".join(prompt.replace(PLACEHOLDER, " ").split() + target[3:].split())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The position map (Sec. 3.3)
+#
+# Fine-tuning sees random crops of one image. Without help the model would learn "castle at the
+# centre of every 512 x 512 view", and at sampling time paint a castle in every window. SINE adds a
+# fixed sinusoidal map of (x, y) positions to the UNet's first feature map, so each crop is told
+# where it came from; at sampling time the whole map, stretched to any H x W, lays out the scene.
+
+CANVAS = 1024          # the source image is resized to CANVAS x CANVAS before cropping
+GRID = CANVAS // 8     # position cells per side: one per latent pixel of the canvas
+CROP = 512             # every crop is resized to CROP x CROP before encoding
+
+
+def axis_embedding(positions, dim):
+    """positions (N,) -> (dim, N): [sin(p w_i), cos(p w_i)] with dim/2 frequencies from 1 to 1/10000."""
+    n = dim // 2
+    freqs = torch.exp(-torch.arange(n, dtype=torch.float32) * math.log(10000.0) / (n - 1))
+    angles = positions.float()[:, None] * freqs[None]                    # (N, n)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).T   # (dim, N)
+
+
+def position_map(channels, rows=None, cols=None):
+    """The map at grid rows x cols (1-based positions; default the whole GRID): (channels, R, C).
+
+    The first half of the channels varies along the width (x), the second half along the height (y).
+    """
+    rows = torch.arange(1, GRID + 1) if rows is None else rows
+    cols = torch.arange(1, GRID + 1) if cols is None else cols
+    x = axis_embedding(cols, channels // 2)[:, None, :].expand(-1, len(rows), -1)
+    y = axis_embedding(rows, channels // 2)[:, :, None].expand(-1, -1, len(cols))
+    return torch.cat([x, y], dim=0)
+
+
+def crop_position_map(full_map, crop_box, size):
+    """Cut crop_box = [y0, x0, y1, x1] (grid cells) out of the map and resize it to size = (h, w)."""
+    y0, x0, y1, x1 = crop_box
+    region = full_map[None, :, y0:y1, x0:x1]
+    return F.interpolate(region, size=tuple(size), mode="bilinear", align_corners=True)  # (1, C, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Patch-based fine-tuning (Sec. 3.3)
+
+def load_image(path, max_pixels=40_000_000):
+    """Any photo as RGB, with its EXIF rotation applied. Refuses decompression bombs."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'is a directory, not an image' if os.path.isdir(path) else 'no such file'}")
+    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with a clearer message
+    try:
+        image = Image.open(path)
+    except OSError:
+        raise ValueError(f"{path} is not an image that Pillow can read (JPEG, PNG, WebP, ...)") from None
+    with image:
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"{path} is {image.width}x{image.height}, over {max_pixels // 1_000_000} "
+                             "megapixels; resize it first")
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "I;16" or image.mode == "I":  # 16-bit grey: scale to 8 bits before RGB
+            image = image.point(lambda v: v / 256).convert("L")
+        return image.convert("RGB")
+
+
+def to_tensor(image, size):
+    """PIL image -> (1, 3, h, w) in [-1, 1], resized to size = (h, w) without keeping the aspect."""
+    image = image.resize((size[1], size[0]), Image.BICUBIC)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return (pixels.view(size[0], size[1], 3).permute(2, 0, 1)[None].float() / 127.5 - 1.0)
+
+
+def sample_crop_box(generator):
+    """Crop height and width drawn independently from [0.1, 1) of the grid, at a random offset."""
+    h, w = (int(GRID * (0.1 + 0.9 * torch.rand((), generator=generator).item())) for _ in range(2))
+    y0 = int(torch.randint(0, GRID - h + 1, (), generator=generator))
+    x0 = int(torch.randint(0, GRID - w + 1, (), generator=generator))
+    return [y0, x0, y0 + h, x0 + w]
+
+
+def crop_pixels(canvas, crop_box):
+    """The canvas region of crop_box (grid cells, 8 pixels each), resized to CROP x CROP."""
+    y0, x0, y1, x1 = (8 * c for c in crop_box)
+    return F.interpolate(canvas[:, :, y0:y1, x0:x1], size=(CROP, CROP), mode="bilinear",
+                         align_corners=False, antialias=True)
+
+
+@torch.no_grad()
+def encode(vae, pixels, generator):
+    """pixels in [-1, 1] -> a latent sampled from the VAE's Gaussian, scaled as the UNet expects."""
+    mean, logvar = vae.encode(pixels)
+    noise = torch.randn(mean.shape, generator=generator).to(mean)
+    return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * noise)
+
+
+def reconstruction_loss(x0_pred, z0, t):
+    """The authors' colour anchor (not in the paper): mean_b[(t/1000)^2 * L1(avgpool(x0_pred), avgpool(z0))].
+
+    avgpool averages each latent channel over the whole crop, so this only pins overall colour and
+    brightness; the weight (t/1000)^2 leaves nearly clean steps alone, where x0_pred is already good.
+    """
+    per_sample = (x0_pred.mean(dim=(2, 3)) - z0.mean(dim=(2, 3))).abs().mean(dim=1)  # (B,)
+    return ((t.float() / NUM_TRAIN_TIMESTEPS) ** 2 * per_sample).mean()
+
+
+def training_loss(unet, z0, context, t, noise, alphas_cumprod, position=None, recon_weight=1.0):
+    """epsilon-MSE (the usual diffusion loss) + recon_weight * the reconstruction term."""
+    z_t = add_noise(z0, noise, t, alphas_cumprod)
+    eps_pred = unet(z_t, t, context, position)
+    loss = F.mse_loss(eps_pred.float(), noise.float())
+    if recon_weight:
+        x0_pred = predict_x0(z_t, eps_pred.float(), t, alphas_cumprod)
+        loss = loss + recon_weight * reconstruction_loss(x0_pred, z0, t)
+    return loss
+
+
+@dataclass
+class Example:
+    """What one fine-tuning step trains on."""
+    z0: torch.Tensor                 # (1, 4, 64, 64) latent of the crop
+    position: torch.Tensor | None    # (1, C, 64, 64) position map of the crop, None without patches
+
+
+def sample_example(vae, canvas, patch, generator, full_map=None):
+    """Patch mode: a random crop of the canvas and its position map. Otherwise: the whole image."""
+    if not patch:
+        return Example(encode(vae, crop_pixels(canvas, [0, 0, GRID, GRID]), generator), None)
+    crop_box = sample_crop_box(generator)
+    z0 = encode(vae, crop_pixels(canvas, crop_box), generator)
+    return Example(z0, crop_position_map(full_map, crop_box, z0.shape[-2:]).to(z0))
+
+
+def training_step(sd, optimizer, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None):
+    """One AdamW step on one example. Both the UNet and the text encoder learn; the VAE is frozen."""
+    example = sample_example(sd.vae, canvas, patch, generator, full_map)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=generator).to(canvas.device)
+    noise = torch.randn(example.z0.shape, generator=generator).to(example.z0)
+    with autocast or torch.autocast(canvas.device.type, enabled=False):
+        context = sd.text_encoder(ids)
+        loss = training_loss(sd.unet, example.z0, context, t, noise, alphas_cumprod, example.position,
+                             recon_weight=1.0 if patch else 0.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Model-based classifier-free guidance (Sec. 3.2) and sampling
+#
+# Plain classifier-free guidance (Eq. 2) steers the pre-trained model towards the target prompt c:
+#     eps = eps_pre(z, "") + w * (eps_pre(z, c) - eps_pre(z, ""))
+# SINE (Eq. 3) also lets the fine-tuned model, which knows the photo, pull towards it:
+#     eps = eps_pre(z, "") + w * (v * eps_pre(z, c) + (1 - v) * eps_ft(z, c_hat) - eps_pre(z, ""))
+# but only while t > K: early steps lay out structure, which should come from the photo; the last
+# K steps are left to the pre-trained model, which knows how a "castle covered by snow" looks.
+# Several fine-tuned models can guide together (Sec. 4.4, style transfer); model i pulls with
+# weight b_i = 1 - v_i, and the pre-trained model keeps 1 - sum(b_i).
+
+@dataclass
+class Guide:
+    """One fine-tuned model guiding the sampler."""
+    unet: torch.nn.Module
+    context: torch.Tensor             # (1, 77, 768) its training prompt c_hat, by its own text encoder
+    position: torch.Tensor | None     # (1, C, h, w) the whole position map at the output size
+    v: float = 0.7                    # share kept by the pre-trained model's prediction
+    K: int = 400                      # guide only while t > K
+
+
+def sine_eps(base_unet, cond, uncond, guides, scale):
+    """eps_fn(z, t) for model.ddim.sample: Eq. 3 while some guide is active (t > K), else Eq. 2.
+
+    A guided step costs 2 + (active guides) UNet evaluations: the fine-tuned model needs no
+    unconditional pass (the authors' code ran one and threw it away).
+    """
+    both = torch.cat([cond, uncond])
+
+    def eps_fn(z, t):
+        batch_t = torch.full((2,), t, dtype=torch.long, device=z.device)
+        eps_cond, eps_uncond = base_unet(torch.cat([z, z]), batch_t, both).chunk(2)
+        active = [g for g in guides if t > g.K]
+        if not active:
+            return classifier_free_guidance(eps_uncond, eps_cond, scale)        # Eq. 2
+        mixed = (1 - sum(1 - g.v for g in active)) * eps_cond
+        for g in active:
+            eps_finetuned = g.unet(z, batch_t[:1], g.context, g.position)
+            mixed = mixed + (1 - g.v) * eps_finetuned
+        return classifier_free_guidance(eps_uncond, mixed, scale)               # Eq. 3
+
+    return eps_fn
+
+
+@torch.no_grad()
+def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generator=None, progress=True):
+    """Sample an edited latent from noise (1, 4, h, w) and decode it: (1, 3, 8h, 8w) in [-1, 1]."""
+    latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress)
+    return sd.vae.decode(latents / LATENT_SCALE).clamp(-1, 1)
+
+
+def full_position_map(channels, size, device=None):
+    """The whole map stretched to a latent of size (h, w): the layout of the photo at any aspect."""
+    return crop_position_map(position_map(channels), [0, 0, GRID, GRID], size).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The fine-tuned file
+#
+# The authors saved a 12 GB Lightning checkpoint. We store only what changed, w_ft - w_base, for the
+# UNet and the text encoder in fp16: at lr 1e-6 the weights move by ~1e-4, so fp16 copies of the
+# whole weights would round the training away, while fp16 *differences* keep it to ~1e-7.
+
+def trainable_parts(sd):
+    return {"unet": sd.unet, "text_encoder": sd.text_encoder}
+
+
+def atomic_save(tensors, path, metadata):
+    """Write to a temporary file beside path, then rename: a crash leaves the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _file_keys(part, name, base_header):
+    """The key of a parameter in the base file (CLIP keys may lack `text_model.`)."""
+    key = PREFIXES[part] + name
+    if key not in base_header and part == "text_encoder":
+        key = key.replace("text_model.", "", 1)
+    return key
+
+
+def save_finetuned(path, sd, base_path, metadata):
+    """Store (w_finetuned - w_base) for every trainable weight, reading the base from its file."""
+    from model.loader import read_header
+    header = read_header(base_path)
+    deltas = {}
+    with safe_open(base_path, framework="pt") as base:
+        for part, module in trainable_parts(sd).items():
+            for name, weight in module.state_dict().items():
+                base_weight = base.get_tensor(_file_keys(part, name, header)).float()
+                deltas[PREFIXES[part] + name] = (weight.detach().float().cpu() - base_weight).half()
+    metadata = {"sine.finetuned": "1", "base": os.path.basename(base_path),
+                "base_fingerprint": fingerprint(base_path), **{k: str(v) for k, v in metadata.items()}}
+    atomic_save(deltas, path, metadata)
+
+
+def apply_finetuned(sd, path):
+    """Add a fine-tuned file's differences onto sd's UNet and text encoder, in place."""
+    with safe_open(path, framework="pt") as f:
+        for part, module in trainable_parts(sd).items():
+            for name, weight in module.state_dict().items():
+                weight += f.get_tensor(PREFIXES[part] + name).to(weight)
+    return sd

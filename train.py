@@ -1,0 +1,158 @@
+"""Fine-tune Stable Diffusion v1 on one photo (SINE, Sec. 3.3).
+
+    python train.py castle.jpg "a photo of a [*] castle"
+
+writes finetuned/castle.safetensors: the difference from the base weights, plus everything
+edit.py needs (prompt, position map on or off, image size, which base). `--no-patch` is the
+paper's whole-image ablation: 800 steps, no position map.
+"""
+import argparse
+import os
+import signal
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+import cli
+import sine
+from model import load_sd
+from model.schedule import alphas_cumprod
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SINE patch-based fine-tuning on one image.")
+    p.add_argument("image", help="the photo to learn")
+    p.add_argument("prompt", help='describes the photo, with [*] before the class: "a photo of a [*] castle"')
+    p.add_argument("--no-patch", action="store_true", help="whole-image ablation: no crops, no position map")
+    p.add_argument("--base", help="SD v1 .safetensors (default: the one file in weights/)")
+    p.add_argument("--out", help="fine-tuned file to write (default: finetuned/<image name>.safetensors)")
+    p.add_argument("--steps", type=int, help="default 10000 with patches, 800 with --no-patch")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="every N steps save the weights and a resume state (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the resume state saved beside --out")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    args = p.parse_args(argv)
+    args.patch = not args.no_patch
+    args.steps = args.steps if args.steps is not None else (10_000 if args.patch else 800)
+    base_name = os.path.splitext(os.path.basename(args.image))[0]
+    args.out = args.out or os.path.join(cli.FINETUNED_DIR, base_name + ("" if args.patch else "-nopatch") + ".safetensors")
+    return args
+
+
+def resume_path(out):
+    return os.path.splitext(out)[0] + ".resume.safetensors"
+
+
+def check_args(args):
+    """Everything a user can get wrong, checked before any weight is loaded."""
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive (got {args.lr})")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be 0 or more (got {args.save_every})")
+    sine.training_prompt(args.prompt)
+    if args.resume and not os.path.exists(resume_path(args.out)):
+        raise ValueError(f"--resume: no resume state at {resume_path(args.out)}; train with --save-every N to make one")
+    if os.path.exists(args.out) and not (args.overwrite or args.resume):
+        raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or choose another --out")
+    cli.check_writable_folder(args.out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: the fine-tuned file (small, for edit.py) and a resume state (exact, for --resume)
+
+def save(args, sd, optimizer, generator, step, image_size, resumable):
+    sine.save_finetuned(args.out, sd, args.base, {
+        "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image_size[0]}x{image_size[1]}",
+        "steps": step, "seed": args.seed, "lr": args.lr})
+    if resumable:
+        save_resume_state(resume_path(args.out), sd, optimizer, generator, step)
+    elif os.path.exists(resume_path(args.out)):
+        os.remove(resume_path(args.out))  # finished: the large resume state is no longer needed
+
+
+def save_resume_state(path, sd, optimizer, generator, step):
+    """Exact fp32 weights, AdamW moments and the RNG: all a bitwise-identical continuation needs."""
+    tensors = {"rng": generator.get_state()}
+    params = list(trainable_parameters(sd))
+    for i, (name, param) in enumerate(params):
+        tensors[f"weight.{name}"] = param.detach().cpu()
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in state:
+                tensors[f"{key}.{i}"] = state[key].detach().cpu().reshape(state[key].shape)
+    sine.atomic_save(tensors, path, {"step": str(step)})
+
+
+def load_resume_state(path, sd, optimizer, generator):
+    params = list(trainable_parameters(sd))
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        with torch.no_grad():
+            for i, (name, param) in enumerate(params):
+                param.copy_(f.get_tensor(f"weight.{name}"))
+                if f"step.{i}" in keys:
+                    optimizer.state[param] = {k: f.get_tensor(f"{k}.{i}").to(param.device if k != "step" else "cpu")
+                                              for k in ("step", "exp_avg", "exp_avg_sq")}
+        generator.set_state(f.get_tensor("rng"))
+        return int(f.metadata()["step"])
+
+
+def trainable_parameters(sd):
+    for part, module in sine.trainable_parts(sd).items():
+        for name, param in module.named_parameters():
+            yield f"{part}.{name}", param
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        image = sine.load_image(args.image)
+        device = cli.pick_device(args.device)
+        args.base = cli.find_base(args.base)
+        sd = load_sd(args.base, device=device)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        cli.fail(e)
+    cli.say(f"base: {sd.description}")
+
+    for module in sine.trainable_parts(sd).values():
+        module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for _, p in trainable_parameters(sd)], lr=args.lr, weight_decay=0.01,
+                                  fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(args.seed)  # a CPU generator: the same crops on any device
+    canvas = sine.to_tensor(image, (sine.CANVAS, sine.CANVAS)).to(device)
+    ids = sd.tokenizer([sine.training_prompt(args.prompt)]).to(device)
+    full_map = sine.position_map(sd.config.unet.model_channels).to(device) if args.patch else None
+    alphas = alphas_cumprod().to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    start = load_resume_state(resume_path(args.out), sd, optimizer, generator) if args.resume else 0
+
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the step, then save
+    step = start
+    bar = tqdm(total=args.steps, initial=start, desc="fine-tuning")
+    while step < args.steps and not interrupted:
+        loss = sine.training_step(sd, optimizer, canvas, ids, args.patch, generator, alphas, full_map, autocast)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            save(args, sd, optimizer, generator, step, image.size, resumable=True)
+    bar.close()
+    save(args, sd, optimizer, generator, step, image.size, resumable=bool(interrupted))
+    if interrupted:
+        cli.say(f"interrupted at step {step}; continue with: python train.py {args.image} \"{args.prompt}\" "
+                f"--out {args.out} --steps {args.steps} --resume")
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
