@@ -5,6 +5,8 @@ A user's mistake ends the program with one line on stderr that says what to do, 
 import glob
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -46,6 +48,19 @@ def _safe_is_finetuned(path):
         return False
 
 
+@contextmanager
+def out_of_memory_hint(hint):
+    """Turn running out of GPU or CPU memory into one line saying what to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError):
+        fail(f"out of memory: {hint}")
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        fail(f"out of memory: {hint}")
+
+
 def pick_device(name=None):
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
@@ -55,7 +70,10 @@ def pick_device(name=None):
 
 
 def check_writable_folder(path):
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write to {folder}: choose another place with --out")
+    """Make path's folder if needed and prove we can write there, before hours of work are spent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"cannot write to {folder} ({e.strerror}): choose another place with --out") from None

@@ -117,13 +117,18 @@ def write_png(image, folder, stem, parameters):
     for i in itertools.count():
         path = os.path.join(folder, f"{stem}{'' if i == 0 else f'-{i}'}.png")
         try:
-            with open(path, "xb") as f:
+            f = open(path, "xb")
+        except FileExistsError:
+            continue
+        try:
+            with f:
                 info = PngInfo()
                 info.add_text("parameters", json.dumps(parameters))
                 image.save(f, format="PNG", pnginfo=info)
             return path
-        except FileExistsError:
-            continue
+        except OSError as e:
+            os.remove(path)  # no half-written PNG; the images written before stay
+            cli.fail(f"could not write {path} ({e.strerror or e})")
 
 
 def to_pil(pixels):
@@ -191,7 +196,8 @@ def main(argv=None):
                 guide.K, guide.v = K_i, v_i
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(device)
-            pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator)
+            with cli.out_of_memory_hint(f"{width}x{height} is too large for this device; lower --height/--width"):
+                pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator)
             parameters = {"target": target, "training_prompts": [m["prompt"] for m in metadata],
                           "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,
                           "steps": args.steps, "eta": args.eta, "seed": seed, "width": width, "height": height,

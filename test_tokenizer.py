@@ -67,21 +67,26 @@ PROMPTS = [
     "1234567890 3.14159 1,000,000 2nd 4K 1080p ½ ² ⅷ ٣ abc123def h2o",
     "it's the dog's bone, they're here, we've, I'm, you'll, he'd, don't, 'quoted', rock'n'roll",
     "IT'S THEY'RE O'NEIL !'s ''s",
-    "the dog\u2019s bed, \u201cquoted\u201d, it\u2018s",  # typographic quotes: ftfy straightens them
+    "the dog\u2019s bed, \u201cquoted\u201d, it\u2018s",  # curly quotes: ftfy straightens them
     "Tom &amp; Jerry &lt;3 &quot;hi&quot; &#39;s &amp;amp;",
     "<|startoftext|>a<|endoftext|> b !<|endoftext|> <|ENDOFTEXT|>",
-    "the do\u017f'\u017f hat \u017ftar",  # long s: CLIP's case-insensitive regex reads '\u017f as 's
+    "the do\u017f'\u017f hat \u017ftar",  # long s: CLIP's case-insensitive regex reads it as s
     "a\u0345b",  # a combining mark that CLIP's regex silently drops
     "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
 ]
 
-# Text that ftfy repairs and we do not (see model.tokenizer.clean): compared with ftfy switched off.
+# Text that ftfy repairs and we do not (see model.tokenizer.clean): compared with ftfy off.
 FTFY_REPAIRS = ["cafÃ© dÃ©jÃ  vu", "ﬁne ﬂowers", "ＡＢＣ１２３", "a\x1cb\x1fc", "\x1b[31mred"]
 
 
 @pytest.fixture(scope="module")
 def ref_without_ftfy():
     return load_reference(fix_text=lambda t: t)
+
+
+def test_vocabulary_matches_openai(tok, ref):
+    assert tok.vocab == ref.encoder  # same 49,408 symbols with the same ids
+    assert len(tok.vocab) == len(tok.symbols) == 49408
 
 
 @pytest.mark.parametrize("text", PROMPTS)
@@ -96,7 +101,8 @@ def test_ids_match_openai_without_ftfy(tok, ref_without_ftfy, text):
 
 def test_longer_text_matches(tok, ref):
     """A few hundred ordinary words exercise many merges."""
-    text = model.tokenizer.__doc__ + (Path(model.tokenizer.__file__).parent.parent / "weights" / "LICENSE-CLIP-vocab.txt").read_text()
+    licence = Path(model.tokenizer.__file__).parent.parent / "weights" / "LICENSE-CLIP-vocab.txt"
+    text = model.tokenizer.__doc__ + licence.read_text()
     assert tok.encode(text) == ref.encode(text)
 
 

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the resume state saved beside --out")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in backward to save memory (default: on with CUDA)")
     args = p.parse_args(argv)
     args.patch = not args.no_patch
     args.steps = args.steps if args.steps is not None else (10_000 if args.patch else 800)
@@ -67,12 +69,15 @@ def check_args(args):
 # Saving: the fine-tuned file (small, for edit.py) and a resume state (exact, for --resume)
 
 def save(args, sd, optimizer, generator, step, image_size, resumable):
-    sine.save_finetuned(args.out, sd, args.base, {
-        "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image_size[0]}x{image_size[1]}",
-        "steps": step, "seed": args.seed, "lr": args.lr})
-    if resumable:
-        save_resume_state(resume_path(args.out), sd, optimizer, generator, step)
-    elif os.path.exists(resume_path(args.out)):
+    try:
+        if resumable:
+            save_resume_state(resume_path(args.out), sd, optimizer, generator, step)
+        sine.save_finetuned(args.out, sd, args.base, {
+            "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image_size[0]}x{image_size[1]}",
+            "steps": step, "seed": args.seed, "lr": args.lr})
+    except OSError as e:
+        cli.fail(f"could not save step {step} to {args.out} ({e.strerror or e}); files saved earlier are intact")
+    if not resumable and os.path.exists(resume_path(args.out)):
         os.remove(resume_path(args.out))  # finished: the large resume state is no longer needed
 
 
@@ -125,6 +130,8 @@ def main(argv=None):
 
     for module in sine.trainable_parts(sd).values():
         module.train().requires_grad_(True)
+    use_checkpointing = args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
+    sd.unet.gradient_checkpointing = use_checkpointing
     optimizer = torch.optim.AdamW([p for _, p in trainable_parameters(sd)], lr=args.lr, weight_decay=0.01,
                                   fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(args.seed)  # a CPU generator: the same crops on any device
@@ -140,7 +147,8 @@ def main(argv=None):
     step = start
     bar = tqdm(total=args.steps, initial=start, desc="fine-tuning")
     while step < args.steps and not interrupted:
-        loss = sine.training_step(sd, optimizer, canvas, ids, args.patch, generator, alphas, full_map, autocast)
+        with cli.out_of_memory_hint("training needs ~16 GB; turn on --grad-checkpointing or use a larger GPU"):
+            loss = sine.training_step(sd, optimizer, canvas, ids, args.patch, generator, alphas, full_map, autocast)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 VOCAB_FILE = Path(__file__).resolve().parent.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz"
-N_MERGES = 48_894
+N_MERGES = 48_894  # CLIP uses only the start of the file: 2 * 256 + 48,894 + 2 = 49,408 ids
 BOS, EOS = 49406, 49407  # <|startoftext|>, <|endoftext|>; EOS also pads
 CONTEXT_LENGTH = 77  # the text encoder has 77 positions: BOS + 75 tokens + EOS
 
@@ -47,7 +47,8 @@ def byte_symbols():
     to chr(256), chr(257), ... so that no symbol is whitespace or invisible. The dict's order
     is the vocabulary order: byte symbol ids 0..255 follow it, not the byte values.
     """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in keep}
     moved = [b for b in range(256) if b not in table]
     table.update({b: chr(256 + i) for i, b in enumerate(moved)})
@@ -72,8 +73,10 @@ def char_kind(c):
     """Classify a character like CLIP's regex does: "L" letter, "N" digit/number, " " space,
     "" ignored, "." anything else (punctuation, symbols, emoji, controls)."""
     if c == "\u0345":
-        return ""  # a combining mark that CLIP's case-insensitive regex matches in no class: dropped
-    if c.isspace() and True:  # Python calls these 4 separators spaces, regex not
+        # This combining mark case-folds to the letter iota, and the case-insensitive regex then
+        # matches it neither as a letter nor as "anything else": CLIP drops it.
+        return ""
+    if c.isspace() and c not in "\x1c\x1d\x1e\x1f":  # Python counts these 4 as space, regex not
         return " "
     category = unicodedata.category(c)[0]
     return category if category in "LN" else "."
@@ -137,10 +140,10 @@ class Tokenizer:
         merges = [tuple(line.split()) for line in lines]
         self.byte_to_symbol = byte_symbols()
         self.symbol_to_byte = {s: b for b, s in self.byte_to_symbol.items()}
-        symbols = list(self.byte_to_symbol.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIALS)
-        self.ids = {s: i for i, s in enumerate(vocab)}
-        self.symbols = vocab
+        singles = list(self.byte_to_symbol.values())
+        self.symbols = singles + [s + "</w>" for s in singles] + ["".join(m) for m in merges]
+        self.symbols += list(SPECIALS)  # id -> symbol
+        self.vocab = {s: i for i, s in enumerate(self.symbols)}  # symbol -> id
         self.rank = {m: r for r, m in enumerate(merges)}  # lower rank = merge earlier
         self.cache = {}  # word -> ids; prompts reuse a small set of words
 
@@ -156,7 +159,7 @@ class Tokenizer:
                 if pair not in self.rank:
                     break  # no adjacent pair was ever merged in training: done
                 symbols = merge_pair(symbols, pair)
-            self.cache[word] = [self.ids[s] for s in symbols]
+            self.cache[word] = [self.vocab[s] for s in symbols]
         return self.cache[word]
 
     def encode(self, text):
@@ -187,5 +190,6 @@ class Tokenizer:
             ids = [BOS, *ids[:keep], EOS]
             out[row, :len(ids)] = torch.tensor(ids)
         if dropped:
-            warnings.warn("CLIP reads at most 75 tokens; dropped the end of " + "; ".join(dropped), stacklevel=2)
+            message = "CLIP reads at most 75 tokens; dropped the end of " + "; ".join(dropped)
+            warnings.warn(message, stacklevel=2)
         return out

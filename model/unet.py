@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, merge_heads, split_heads
 
@@ -221,6 +222,13 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepBlock(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        # Training trades compute for memory: keep only block inputs, recompute the rest in backward.
+        self.gradient_checkpointing = False
+
+    def run(self, block, h, emb, context):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
 
     def forward(self, x, t, context, pos=None):
         """x (B, 4, h, w), t (B,) integer timesteps, context (B, 77, 768),
@@ -231,9 +239,9 @@ class UNet(nn.Module):
             h = h + pos.to(h.dtype)  # SINE Sec. 3.3: before it is stored as the first skip
         skips = [h]
         for block in self.input_blocks[1:]:
-            h = block(h, emb, context)
+            h = self.run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self.run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)

@@ -1,0 +1,442 @@
+"""sine.py, one equation at a time, on a tiny random Stable Diffusion (model.tiny).
+
+Every expected value is computed here, independently of sine.py: by hand from separate UNet calls
+(guidance), from the formulas in SPEC.md in float64 (position map, schedule), or with explicit
+loops (the reconstruction term). The last test fine-tunes a tiny model on one latent and checks
+that sampling then reproduces it: training and sampling must agree on the schedule and on what
+the UNet predicts, or the sampled latent lands somewhere else.
+"""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+import sine
+from model import load_sd, read_header
+from model.ddim import classifier_free_guidance, ddim_timesteps, sample
+from model.loader import PREFIXES
+from model.schedule import alphas_cumprod
+from model.tiny import TINY, write_checkpoint
+
+LATENT = (1, 4, 8, 16)  # non-square, so a height/width mix-up shows; 8 divides by the UNet's 3 downsamplings
+SCALE = 7.5
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sine") / "tiny.safetensors"
+    write_checkpoint(path, TINY, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sd(base_path):
+    """Read-only in the tests that use it: tests that train load their own copy."""
+    return load_sd(base_path)
+
+
+def perturbed(unet, seed, amount=0.05):
+    """A stand-in for a fine-tuned UNet: the base with every weight moved (so its eps differs)."""
+    other = copy.deepcopy(unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p += amount * p.abs().mean() * torch.randn(p.shape, generator=g)
+    return other
+
+
+class Counting(nn.Module):
+    """Wraps a UNet and counts the samples it evaluates (a batch of 2 counts 2)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.samples = 0
+
+    def forward(self, x, t, context, pos=None):
+        self.samples += x.shape[0]
+        return self.unet(x, t, context, pos)
+
+
+@pytest.fixture(scope="module")
+def setup(sd):
+    """Base and two 'fine-tuned' UNets, their contexts, position map and a latent."""
+    with torch.no_grad():
+        cond, uncond, hat1, hat2 = sd.text_encoder(sd.tokenizer(
+            ["a photo of a castle covered by snow", "", "a photo of a sks castle", "a painting in the sks style"])
+        ).split(1)
+    C = sd.config.unet.model_channels
+    pos = sine.full_position_map(C, LATENT[2:])
+    z = torch.randn(LATENT, generator=torch.Generator().manual_seed(0))
+    return dict(base=sd.unet, ft1=perturbed(sd.unet, 1), ft2=perturbed(sd.unet, 2), cond=cond, uncond=uncond,
+                hat1=hat1, hat2=hat2, pos=pos, z=z)
+
+
+def eps(unet, z, t, context, pos=None):
+    return unet(z, torch.tensor([t]), context, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 2 / Eq. 3: model-based classifier-free guidance
+
+@torch.no_grad()
+def test_v1_is_plain_classifier_free_guidance(setup):
+    s = setup
+    guide = sine.Guide(s["ft1"], s["hat1"], s["pos"], v=1.0, K=0)
+    eps_fn = sine.sine_eps(s["base"], s["cond"], s["uncond"], [guide], SCALE)
+    for t in (981, 501, 41):
+        expected = classifier_free_guidance(eps(s["base"], s["z"], t, s["uncond"]),
+                                            eps(s["base"], s["z"], t, s["cond"]), SCALE)
+        assert rel_err(eps_fn(s["z"], t), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("K", [1000, int(ddim_timesteps(50)[0])])
+@torch.no_grad()
+def test_K_at_or_above_first_step_is_plain_cfg_at_every_step(setup, K):
+    s = setup
+    base, ft = Counting(s["base"]), Counting(s["ft1"])
+    sine_fn = sine.sine_eps(base, s["cond"], s["uncond"], [sine.Guide(ft, s["hat1"], s["pos"], v=0.7, K=K)], SCALE)
+    errors = []
+
+    def checking_eps_fn(z, t):
+        ours = sine_fn(z, t)
+        expected = classifier_free_guidance(eps(s["base"], z, t, s["uncond"]), eps(s["base"], z, t, s["cond"]), SCALE)
+        errors.append(rel_err(ours, expected))
+        return ours
+
+    sample(checking_eps_fn, s["z"], 50, progress=False)
+    assert len(errors) == 50 and max(errors) <= 1e-5
+    assert ft.samples == 0 and base.samples == 2 * 50
+
+
+@torch.no_grad()
+def test_K_just_below_first_step_guides_only_the_first_step(setup):
+    """The control for the test above: guidance that is active does change eps."""
+    s = setup
+    ts = ddim_timesteps(50).tolist()
+    ft = Counting(s["ft1"])
+    sine_fn = sine.sine_eps(s["base"], s["cond"], s["uncond"], [sine.Guide(ft, s["hat1"], s["pos"], v=0.7, K=ts[1])], SCALE)
+    plain = classifier_free_guidance(eps(s["base"], s["z"], ts[0], s["uncond"]),
+                                     eps(s["base"], s["z"], ts[0], s["cond"]), SCALE)
+    assert rel_err(sine_fn(s["z"], ts[0]), plain) > 1e-3
+    for t in ts[1:]:
+        sine_fn(s["z"], t)
+    assert ft.samples == 1
+
+
+@torch.no_grad()
+def test_unet_evaluations_per_step(setup):
+    """3 samples through a UNet for a guided step (t > K), 2 for an unguided one (t <= K)."""
+    s = setup
+    base, ft = Counting(s["base"]), Counting(s["ft1"])
+    eps_fn = sine.sine_eps(base, s["cond"], s["uncond"], [sine.Guide(ft, s["hat1"], s["pos"], v=0.7, K=400)], SCALE)
+    for t, guided in ((401, True), (400, False), (981, True), (1, False)):
+        before = base.samples + ft.samples
+        eps_fn(s["z"], t)
+        assert base.samples + ft.samples - before == (3 if guided else 2)
+
+
+@pytest.mark.parametrize("v", [0.7, 0.3])
+@torch.no_grad()
+def test_eq3_by_hand(setup, v):
+    s = setup
+    z, t = s["z"], 701
+    eps_fn = sine.sine_eps(s["base"], s["cond"], s["uncond"], [sine.Guide(s["ft1"], s["hat1"], s["pos"], v=v, K=400)], SCALE)
+    e_uncond = eps(s["base"], z, t, s["uncond"])
+    e_cond = eps(s["base"], z, t, s["cond"])
+    e_ft = eps(s["ft1"], z, t, s["hat1"], s["pos"])
+    expected = e_uncond + SCALE * (v * e_cond + (1 - v) * e_ft - e_uncond)
+    ours = eps_fn(z, t)
+    assert rel_err(ours, expected) <= 1e-5
+    # the fine-tuned term is not negligible here, so swapping v and 1 - v would be caught
+    swapped = e_uncond + SCALE * ((1 - v) * e_cond + v * e_ft - e_uncond)
+    assert rel_err(swapped, expected) > 1e-3
+
+
+@torch.no_grad()
+def test_two_guides_style_transfer_by_hand(setup):
+    """SPEC 3: eps_pre("") + w((1 - sum b_i) eps_pre(c) + sum b_i eps_ft_i(c_hat_i) - eps_pre("")),
+    b_i = 1 - v_i, each guide only while t > its own K."""
+    s = setup
+    z = s["z"]
+    base, ft1, ft2 = Counting(s["base"]), Counting(s["ft1"]), Counting(s["ft2"])
+    pos2 = 0.5 * s["pos"]  # a different map, so the two guides' inputs cannot be swapped unnoticed
+    g1 = sine.Guide(ft1, s["hat1"], s["pos"], v=0.8, K=300)
+    g2 = sine.Guide(ft2, s["hat2"], pos2, v=0.6, K=600)
+    eps_fn = sine.sine_eps(base, s["cond"], s["uncond"], [g1, g2], SCALE)
+    b1, b2 = 1 - 0.8, 1 - 0.6
+    for t, active in ((801, (1, 2)), (501, (1,)), (201, ())):
+        e_uncond, e_cond = eps(s["base"], z, t, s["uncond"]), eps(s["base"], z, t, s["cond"])
+        e1, e2 = eps(s["ft1"], z, t, s["hat1"], s["pos"]), eps(s["ft2"], z, t, s["hat2"], pos2)
+        mix = {(1, 2): (1 - b1 - b2) * e_cond + b1 * e1 + b2 * e2,
+               (1,): (1 - b1) * e_cond + b1 * e1,
+               (): e_cond}[active]
+        expected = e_uncond + SCALE * (mix - e_uncond)
+        before = (base.samples, ft1.samples, ft2.samples)
+        assert rel_err(eps_fn(z, t), expected) <= 1e-5, f"t={t}"
+        assert (base.samples - before[0], ft1.samples - before[1], ft2.samples - before[2]) == \
+               (2, int(1 in active), int(2 in active))
+
+
+# ---------------------------------------------------------------------------------------------
+# The position map
+
+def expected_axis(positions, n_freq):
+    """SPEC 2 in float64: w_i = exp(-i ln(10000) / (n_freq - 1)); rows [sin(p w_i)] then [cos(p w_i)]."""
+    w = np.array([10000.0 ** (-i / (n_freq - 1)) for i in range(n_freq)])
+    angles = np.outer(w, np.asarray(positions, dtype=np.float64))  # (n_freq, N)
+    return np.concatenate([np.sin(angles), np.cos(angles)])
+
+
+def test_position_map_frequencies_match_spec():
+    C = 320
+    m = sine.position_map(C).double().numpy()
+    assert m.shape == (C, 128, 128)
+    p = np.arange(1, 129)
+    x = expected_axis(p, 80)  # (160, 128): varies along the width
+    y = expected_axis(p, 80)
+    np.testing.assert_allclose(m[:160], np.broadcast_to(x[:, None, :], (160, 128, 128)), atol=5e-5, rtol=0)
+    np.testing.assert_allclose(m[160:], np.broadcast_to(y[:, :, None], (160, 128, 128)), atol=5e-5, rtol=0)
+    # spelled out: channel 0 is sin(p * 1), the last frequency is 1/10000
+    np.testing.assert_allclose(m[0, 5, :], np.sin(p), atol=5e-5)
+    np.testing.assert_allclose(m[79, 5, :], np.sin(p / 10000.0), atol=1e-7)
+    np.testing.assert_allclose(m[80, 5, :], np.cos(p), atol=5e-5)
+    np.testing.assert_allclose(m[160, :, 7], np.sin(p), atol=5e-5)
+
+
+@pytest.mark.parametrize("C", [320, TINY.unet.model_channels])
+@pytest.mark.parametrize("box", [[10, 30, 50, 100], [0, 0, 128, 128], [100, 5, 128, 17], [64, 127, 65, 128]])
+def test_cut_equals_computed_map_of_the_region(C, box):
+    y0, x0, y1, x1 = box
+    cut = sine.crop_position_map(sine.position_map(C), box, (y1 - y0, x1 - x0))
+    assert cut.shape == (1, C, y1 - y0, x1 - x0)
+    region = sine.position_map(C, torch.arange(y0 + 1, y1 + 1), torch.arange(x0 + 1, x1 + 1))
+    torch.testing.assert_close(cut[0], region)
+
+
+@pytest.mark.parametrize("size", [(24, 40), (40, 24)])
+def test_whole_map_resized_to_any_size(size):
+    C, (H, W) = 320, size
+    full = sine.position_map(C)
+    m = sine.crop_position_map(full, [0, 0, 128, 128], size)
+    assert m.shape == (1, C, H, W)
+    assert torch.equal(sine.full_position_map(C, size), m)
+    x, y = m[0, : C // 2], m[0, C // 2:]
+    assert (x - x[:, :1, :]).abs().max() <= 1e-6           # x: constant down each column
+    assert ((x.amax(dim=2) - x.amin(dim=2)) > 0).all()     # ... and changes along every row, every channel
+    assert (y - y[:, :, :1]).abs().max() <= 1e-6           # y: the reverse
+    assert ((y.amax(dim=1) - y.amin(dim=1)) > 0).all()
+    for i, j in ((0, 0), (0, -1), (-1, 0), (-1, -1)):      # align_corners=True keeps the corners
+        torch.testing.assert_close(m[0, :, i, j], full[:, i, j])
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+
+def test_sample_crop_box_distribution():
+    g = torch.Generator().manual_seed(0)
+    boxes = np.array([sine.sample_crop_box(g) for _ in range(2000)])
+    y0, x0, y1, x1 = boxes.T
+    h, w = y1 - y0, x1 - x0
+    lo = int(128 * 0.1)  # int(128 * U[0.1, 1)) cells
+    for size in (h, w):
+        assert size.min() >= lo and size.max() < 128
+        assert size.min() <= lo + 8 and size.max() >= 120         # the whole range is reached
+        # mean of floor(128 U), U ~ U[0.1, 1): 128 * 0.55 - 1/2, give or take 4 standard errors
+        assert abs(size.mean() - (128 * 0.55 - 0.5)) < 4 * 128 * 0.9 / math.sqrt(12 * 2000)
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y1 <= 128).all() and (x1 <= 128).all()
+    assert len(set(y0)) > 50 and len(set(x0)) > 50                # offsets vary
+    assert (h != w).mean() > 0.9                                  # height and width drawn independently
+
+
+def test_crop_pixels_cuts_the_box_and_resizes():
+    canvas = torch.zeros(1, 3, 1024, 1024)
+    box = [16, 40, 48, 120]  # [y0, x0, y1, x1] in cells of 8 pixels
+    colour = torch.tensor([0.5, -0.25, 1.0])
+    canvas[:, :, 8 * 16:8 * 48, 8 * 40:8 * 120] = colour[:, None, None]
+    out = sine.crop_pixels(canvas, box)
+    assert out.shape == (1, 3, 512, 512)
+    torch.testing.assert_close(out, colour[None, :, None, None].expand(1, 3, 512, 512))
+    # one cell more on any side would let the zeros of the canvas in
+    assert sine.crop_pixels(canvas, [15, 40, 48, 120]).min() < out.min()
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses
+
+def test_reconstruction_loss_by_hand():
+    g = torch.Generator().manual_seed(3)
+    x0_pred, z0 = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)
+    t = torch.tensor([50, 900])
+    a, b = x0_pred.double().tolist(), z0.double().tolist()
+    total = 0.0
+    for n in range(2):
+        l1 = 0.0
+        for c in range(4):
+            mean_a = sum(a[n][c][i][j] for i in range(3) for j in range(5)) / 15
+            mean_b = sum(b[n][c][i][j] for i in range(3) for j in range(5)) / 15
+            l1 += abs(mean_a - mean_b) / 4
+        total += (int(t[n]) / 1000) ** 2 * l1
+    expected = total / 2
+    assert sine.reconstruction_loss(x0_pred, z0, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def reference_alphas():
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+@torch.no_grad()
+def test_training_loss_is_mse_plus_reconstruction(setup):
+    s = setup
+    g = torch.Generator().manual_seed(4)
+    z0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 700])
+    context = s["hat1"].expand(2, -1, -1)
+    a = torch.tensor(reference_alphas()[t.numpy()], dtype=torch.float32)[:, None, None, None]
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    eps_pred = s["base"](z_t, t, context)
+    mse = ((eps_pred - noise) ** 2).mean().item()
+    plain = sine.training_loss(s["base"], z0, context, t, noise, alphas_cumprod(), recon_weight=0.0)
+    assert plain.item() == pytest.approx(mse, rel=1e-5)
+
+    x0_pred = (z_t - (1 - a).sqrt() * eps_pred) / a.sqrt()
+    recon = ((x0_pred.mean(dim=(2, 3)) - z0.mean(dim=(2, 3))).abs().mean(dim=1) * (t / 1000.0) ** 2).mean().item()
+    full = sine.training_loss(s["base"], z0, context, t, noise, alphas_cumprod(), recon_weight=1.0)
+    assert full.item() == pytest.approx(mse + recon, rel=1e-5)
+    assert recon > 1e-4 * mse  # the term is really there for the comparison to mean something
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+def test_prompts():
+    assert sine.training_prompt("a photo of a [*] castle") == "a photo of a sks castle"
+    with pytest.raises(ValueError):
+        sine.training_prompt("a photo of a castle")
+    assert sine.target_prompt("... covered by snow", "a photo of a [*] castle") == "a photo of a castle covered by snow"
+    assert sine.target_prompt("a dog", "a [*] dog with a flower in mouth") == "a dog"
+    assert sine.target_prompt("painting of a forest", "a painting in the [*] style") == "painting of a forest"
+
+
+# ---------------------------------------------------------------------------------------------
+# The fine-tuned file
+
+def trainable(sd):
+    return [p for m in sine.trainable_parts(sd).values() for p in m.parameters()]
+
+
+def state(sd):
+    return {f"{part}.{k}": v.clone() for part, m in sine.trainable_parts(sd).items() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-6])
+def test_finetuned_file_round_trip(base_path, tmp_path, lr):
+    sd = load_sd(base_path)
+    before = state(sd)
+    for m in sine.trainable_parts(sd).values():
+        m.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable(sd), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.rand(1, 3, sine.CANVAS, sine.CANVAS, generator=g) * 2 - 1
+    prompt = "a photo of a [*] castle"
+    ids = sd.tokenizer([sine.training_prompt(prompt)])
+    full_map = sine.position_map(sd.config.unet.model_channels)
+    for _ in range(2):
+        sine.training_step(sd, optimizer, canvas, ids, True, g, alphas_cumprod(), full_map)
+    for m in sine.trainable_parts(sd).values():
+        m.eval().requires_grad_(False)
+    after = state(sd)
+    moved = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert moved >= 0.5 * lr  # AdamW's first steps move a weight by about lr: training happened
+
+    path = tmp_path / "ft.safetensors"
+    sine.save_finetuned(str(path), sd, base_path, {"prompt": prompt})
+    loaded = sine.apply_finetuned(load_sd(base_path), str(path))
+    restored = state(loaded)
+    residual = max((restored[k] - after[k]).abs().max().item() for k in after)
+    assert residual <= 0.1 * moved  # the file carried the change, not nothing
+
+    z = torch.randn(LATENT, generator=torch.Generator().manual_seed(1))
+    pos = sine.full_position_map(sd.config.unet.model_channels, LATENT[2:])
+    with torch.no_grad():
+        for t in (900, 300):
+            ours = eps(sd.unet, z, t, sd.text_encoder(ids), pos)
+            theirs = eps(loaded.unet, z, t, loaded.text_encoder(ids), pos)
+            assert rel_err(theirs, ours) <= 1e-5
+
+    header = read_header(str(path))
+    keys = [k for k in header if k != "__metadata__"]
+    assert not any(k.startswith(PREFIXES["vae"]) for k in keys)
+    assert set(keys) == {PREFIXES[part] + name for part, name in (k.split(".", 1) for k in after)}
+    assert header["__metadata__"]["sine.finetuned"] == "1" and header["__metadata__"]["prompt"] == prompt
+    base_header = read_header(base_path)
+    fp32_bytes = sum(4 * math.prod(v["shape"]) for k, v in base_header.items()
+                     if k.startswith((PREFIXES["unet"], "cond_stage_model.")))
+    assert path.stat().st_size < fp32_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Memorisation: training and sampling agree
+
+def synthetic_latent():
+    """A smooth 'photo' latent (1, 4, 8, 8) of unit scale, like a real SD latent.
+
+    Not the tiny VAE's encoding of an image: that random VAE gives latents of std ~0.06, and a
+    target that close to zero would let a model that just outputs zeros pass."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+    return torch.stack([1.5 * xx, -1.2 * yy, 2 * xx * yy - 0.3, torch.cos(3 * xx) + 0.5 * yy])[None]
+
+
+@torch.no_grad()
+def sample_latents(sd, ids, pos, seeds):
+    """DDIM samples with the conditional model alone (guidance scale 1). Without a position map:
+    no guides, the (fine-tuned) UNet as the base. With one: the same UNet as a guide with v=0 and
+    K=0, the path edit.py takes, so eps is eps_ft(z, c_hat, pos) at every step."""
+    cond, uncond = sd.text_encoder(ids), sd.text_encoder(sd.tokenizer([""]))
+    guides = [] if pos is None else [sine.Guide(sd.unet, cond, pos, v=0.0, K=0)]
+    eps_fn = sine.sine_eps(sd.unet, cond, uncond, guides, scale=1.0)
+    return [sample(eps_fn, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s)), 50, progress=False)
+            for s in seeds]
+
+
+@pytest.mark.parametrize("patch", [False, True], ids=["whole-image", "whole-canvas-box"])
+def test_finetuning_on_one_image_memorises_it(base_path, patch):
+    torch.manual_seed(0)
+    sd = load_sd(base_path)
+    z0 = synthetic_latent()
+    ids = sd.tokenizer([sine.training_prompt("a photo of a [*] castle")])
+    C = sd.config.unet.model_channels
+    pos = sine.crop_position_map(sine.position_map(C), [0, 0, sine.GRID, sine.GRID], z0.shape[-2:]) if patch else None
+    seeds = (10, 11)
+    mse = lambda samples: sum(((s - z0) ** 2).mean().item() for s in samples) / len(samples)
+    before = mse(sample_latents(sd, ids, pos, seeds))
+
+    for m in sine.trainable_parts(sd).values():
+        m.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable(sd), lr=1e-3, weight_decay=0.01)
+    g, B = torch.Generator().manual_seed(0), 8
+    alphas = alphas_cumprod()
+    for _ in range(300):
+        t = torch.randint(0, 1000, (B,), generator=g)
+        noise = torch.randn((B, *z0.shape[1:]), generator=g)
+        context = sd.text_encoder(ids).expand(B, -1, -1)
+        loss = sine.training_loss(sd.unet, z0.expand(B, -1, -1, -1), context, t, noise, alphas, pos,
+                                  recon_weight=1.0 if patch else 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    for m in sine.trainable_parts(sd).values():
+        m.eval().requires_grad_(False)
+
+    after = mse(sample_latents(sd, ids, pos, seeds))
+    print(f"memorisation ({'patch' if patch else 'whole'}): MSE to the target before {before:.4f}, after {after:.4f}")
+    assert after < 0.25 * before
