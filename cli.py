@@ -6,6 +6,7 @@ import glob
 import os
 import sys
 import tempfile
+import traceback
 from contextlib import contextmanager
 
 import torch
@@ -17,8 +18,9 @@ FINETUNED_DIR = "finetuned"
 
 
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """End the program. sys.exit prints the message on stderr on the way out, after any progress
+    bar has closed, so that the line stands alone."""
+    sys.exit(f"error: {message}")
 
 
 def say(message):
@@ -53,11 +55,11 @@ def out_of_memory_hint(hint):
     """Turn running out of GPU or CPU memory into one line saying what to lower."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError):
-        fail(f"out of memory: {hint}")
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e) and "out of memory" not in str(e):
             raise
+        # Drop the failed computation's frames: that frees its tensors and closes its progress bar.
+        traceback.clear_frames(e.__traceback__)
         fail(f"out of memory: {hint}")
 
 
@@ -70,10 +72,17 @@ def pick_device(name=None):
 
 
 def check_writable_folder(path):
-    """Make path's folder if needed and prove we can write there, before hours of work are spent."""
+    """Prove that path's folder can be made and written to, before hours of work are spent.
+
+    Creates nothing: the folder itself is made when the first file is saved."""
     folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot write to {folder}: {existing} is a file, not a folder; "
+                         "choose another place with --out")
     try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise ValueError(f"cannot write to {folder} ({e.strerror}): choose another place with --out") from None

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 import cli
 import sine
 from model import load_sd, read_header
-from model.loader import fingerprint
+from model.loader import check_sd_v1, fingerprint
 
 
 def parse_args(argv=None):
@@ -39,6 +39,12 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="samples, with seeds seed, seed+1, ...")
     p.add_argument("--out", default="outputs", help="folder for the PNGs")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="UNet passes in bfloat16 autocast, weights stay fp32 (default: on with CUDA, off on CPU)")
+    p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
+                   help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC layout for the UNets' convolutions")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets (the first image is slow)")
     return p.parse_args(argv)
 
 
@@ -59,10 +65,15 @@ def parse_sweep(text, flag, n_models, kind, low, high):
     return values
 
 
+MAX_SIZE = 4096  # pixels a side; SD v1 was trained at 512, and far beyond this the VAE decoder fits no GPU
+
+
 def check_size(value, flag):
-    if value is not None and (value < 64 or value % 64):
-        below, above = max(64, value // 64 * 64), max(64, -(-value // 64) * 64)
-        raise ValueError(f"--{flag} {value}: must be a multiple of 64 (nearest: {below} or {above})")
+    if value is not None and (value < 64 or value > MAX_SIZE or value % 64):
+        clamp = lambda x: min(max(x, 64), MAX_SIZE)
+        nearest = sorted({clamp(value // 64 * 64), clamp(-(-value // 64) * 64)})
+        raise ValueError(f"--{flag} {value}: must be a multiple of 64 from 64 to {MAX_SIZE} "
+                         f"(nearest: {' or '.join(map(str, nearest))})")
 
 
 def default_size(source_size, height, width):
@@ -88,19 +99,22 @@ def find_finetuned(paths):
 
 def read_finetuned(path, base):
     metadata = read_header(path).get("__metadata__") or {}
+    if path.endswith(".resume.safetensors"):
+        raise ValueError(f"{path} is train.py's resume state; pass the fine-tuned file beside it, "
+                         f"{path[:-len('.resume.safetensors')]}.safetensors")
     if "sine.finetuned" not in metadata:
         raise ValueError(f"{path} is not a fine-tuned file from train.py (it looks like a base checkpoint: "
                          "pass it as --base)")
-    if metadata["base_fingerprint"] != fingerprint(base):
-        raise ValueError(f"{path} was fine-tuned from {metadata['base']}, not {os.path.basename(base)}: "
-                         f"pass that file as --base")
+    if metadata.get("base_fingerprint") != fingerprint(base):
+        raise ValueError(f"{path} was fine-tuned from {metadata.get('base')} (fingerprint "
+                         f"{metadata.get('base_fingerprint')}), not from {base}: pass that file as --base")
     return metadata
 
 
 def check_args(args):
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
-    if args.scale < 0:
+    if not 0 <= args.scale < float("inf"):  # also refuses nan
         raise ValueError(f"--scale must be 0 or more (got {args.scale})")
     if args.n < 1:
         raise ValueError(f"--n must be at least 1 (got {args.n})")
@@ -113,22 +127,33 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------
 
 def write_png(image, folder, stem, parameters):
-    """Save under a name that is not taken yet (never overwrite); return the path."""
-    for i in itertools.count():
-        path = os.path.join(folder, f"{stem}{'' if i == 0 else f'-{i}'}.png")
-        try:
-            f = open(path, "xb")
-        except FileExistsError:
-            continue
-        try:
-            with f:
-                info = PngInfo()
-                info.add_text("parameters", json.dumps(parameters))
-                image.save(f, format="PNG", pnginfo=info)
+    """Save under a name that is not taken yet (never overwrite); return the path.
+
+    The PNG is written to a temporary file, then linked under its name: a crash never leaves half a PNG.
+    """
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}.png")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        for i in itertools.count():
+            path = os.path.join(folder, f"{stem}{'' if i == 0 else f'-{i}'}.png")
+            try:
+                os.link(tmp, path)  # unlike a rename, a link never replaces a file that exists
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links (FAT, some network shares)
+                if os.path.exists(path):
+                    continue
+                os.replace(tmp, path)
             return path
-        except OSError as e:
-            os.remove(path)  # no half-written PNG; the images written before stay
-            cli.fail(f"could not write {path} ({e.strerror or e})")
+    except OSError as e:
+        cli.fail(f"could not write a PNG in {folder} ({e.strerror or e}); the images written before are intact")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def to_pil(pixels):
@@ -165,11 +190,15 @@ def main(argv=None):
         if any(sum(1 - x for x in v) > 1 for v in vs):
             raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
         args.base = cli.find_base(args.base)
+        check_sd_v1(args.base)
         metadata = [read_finetuned(path, args.base) for path in files]
         if args.target.startswith("...") and not metadata:
             raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
         first = metadata[0] if metadata else {"source_size": "512x512", "prompt": ""}
         height, width = default_size(tuple(int(x) for x in first["source_size"].split("x")), args.height, args.width)
+        if max(height, width) > MAX_SIZE:
+            raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {MAX_SIZE} a side: "
+                             "choose the size with --height and --width")
         device = cli.pick_device(args.device)
         cli.check_writable_folder(os.path.join(args.out, "x.png"))
         sd = load_sd(args.base, device=device)
@@ -177,6 +206,9 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         cli.fail(e)
     cli.say(f"base: {sd.description}")
+    autocast = sine.bf16_autocast(device, args.bf16)
+    for loaded in [sd] + finetuned:
+        sine.speed_up(loaded.unet, args.channels_last, args.compile)
 
     target = sine.target_prompt(args.target, first["prompt"])
     encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(device))
@@ -197,10 +229,12 @@ def main(argv=None):
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(device)
             with cli.out_of_memory_hint(f"{width}x{height} is too large for this device; lower --height/--width"):
-                pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator)
+                pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
+                                   autocast=autocast, tiled=args.tile_vae)
             parameters = {"target": target, "training_prompts": [m["prompt"] for m in metadata],
                           "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,
                           "steps": args.steps, "eta": args.eta, "seed": seed, "width": width, "height": height,
+                          "bf16": autocast is not None,
                           "base": os.path.basename(args.base), "finetuned": [os.path.basename(f) for f in files]}
             image = to_pil(pixels)
             stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")

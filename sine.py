@@ -7,6 +7,7 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
   3. Patch-based fine-tuning (Sec. 3.3): random crops, the loss, one training step.
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
   5. The fine-tuned file: the difference from the base weights, plus what edit.py needs.
+  6. Speed switches shared by train.py and edit.py (bf16 autocast, channels_last, torch.compile).
 
 Numbers that the paper leaves open come from the authors' code (see SPEC.md in the team docs).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import LATENT_SCALE
@@ -103,10 +104,13 @@ def load_image(path, max_pixels=40_000_000):
         if image.width * image.height > max_pixels:
             raise ValueError(f"{path} is {image.width}x{image.height}, over {max_pixels // 1_000_000} "
                              "megapixels; resize it first")
-        image = ImageOps.exif_transpose(image)
-        if image.mode == "I;16" or image.mode == "I":  # 16-bit grey: scale to 8 bits before RGB
-            image = image.point(lambda v: v / 256).convert("L")
-        return image.convert("RGB")
+        try:
+            image = ImageOps.exif_transpose(image)
+            if image.mode == "I;16" or image.mode == "I":  # 16-bit grey: scale to 8 bits before RGB
+                image = image.point(lambda v: v / 256).convert("L")
+            return image.convert("RGB")
+        except (OSError, SyntaxError):  # Pillow's errors for truncated or corrupt image data
+            raise ValueError(f"{path} is damaged or truncated: Pillow cannot decode it") from None
 
 
 def to_tensor(image, size):
@@ -223,13 +227,15 @@ def sine_eps(base_unet, cond, uncond, guides, scale):
 
     def eps_fn(z, t):
         batch_t = torch.full((2,), t, dtype=torch.long, device=z.device)
-        eps_cond, eps_uncond = base_unet(torch.cat([z, z]), batch_t, both).chunk(2)
+        # .float(): under bf16 autocast the UNet answers in bf16; the guidance arithmetic below
+        # amplifies differences by w = 7.5, so it runs in fp32.
+        eps_cond, eps_uncond = base_unet(torch.cat([z, z]), batch_t, both).float().chunk(2)
         active = [g for g in guides if t > g.K]
         if not active:
             return classifier_free_guidance(eps_uncond, eps_cond, scale)        # Eq. 2
         mixed = (1 - sum(1 - g.v for g in active)) * eps_cond
         for g in active:
-            eps_finetuned = g.unet(z, batch_t[:1], g.context, g.position)
+            eps_finetuned = g.unet(z, batch_t[:1], g.context, g.position).float()
             mixed = mixed + (1 - g.v) * eps_finetuned
         return classifier_free_guidance(eps_uncond, mixed, scale)               # Eq. 3
 
@@ -237,10 +243,15 @@ def sine_eps(base_unet, cond, uncond, guides, scale):
 
 
 @torch.no_grad()
-def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generator=None, progress=True):
-    """Sample an edited latent from noise (1, 4, h, w) and decode it: (1, 3, 8h, 8w) in [-1, 1]."""
-    latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress)
-    return sd.vae.decode(latents / LATENT_SCALE).clamp(-1, 1)
+def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generator=None, progress=True,
+         autocast=None, tiled=None):
+    """Sample an edited latent from noise (1, 4, h, w) and decode it: (1, 3, 8h, 8w) in [-1, 1].
+
+    autocast: e.g. torch.autocast("cuda", torch.bfloat16) for the UNet passes (the VAE always runs
+    in fp32); tiled: decode in tiles, True, False or None (only large images, see model/vae.py)."""
+    with autocast or torch.autocast(noise.device.type, enabled=False):
+        latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress)
+    return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
 
 
 def full_position_map(channels, size, device=None):
@@ -262,33 +273,26 @@ def trainable_parts(sd):
 def atomic_save(tensors, path, metadata):
     """Write to a temporary file beside path, then rename: a crash leaves the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except SafetensorError as e:  # how safetensors reports a full disk: "I/O error: No space left on device"
+        raise OSError(str(e)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _file_keys(part, name, base_header):
-    """The key of a parameter in the base file (CLIP keys may lack `text_model.`)."""
-    key = PREFIXES[part] + name
-    if key not in base_header and part == "text_encoder":
-        key = key.replace("text_model.", "", 1)
-    return key
-
-
 def save_finetuned(path, sd, base_path, metadata):
     """Store (w_finetuned - w_base) for every trainable weight, reading the base from its file."""
-    from model.loader import read_header
-    header = read_header(base_path)
     deltas = {}
     with safe_open(base_path, framework="pt") as base:
         for part, module in trainable_parts(sd).items():
             for name, weight in module.state_dict().items():
-                base_weight = base.get_tensor(_file_keys(part, name, header)).float()
+                base_weight = base.get_tensor(sd.file_keys[part][name]).float()  # as load_sd read it
                 deltas[PREFIXES[part] + name] = (weight.detach().float().cpu() - base_weight).half()
     metadata = {"sine.finetuned": "1", "base": os.path.basename(base_path),
                 "base_fingerprint": fingerprint(base_path), **{k: str(v) for k, v in metadata.items()}}
@@ -302,3 +306,28 @@ def apply_finetuned(sd, path):
             for name, weight in module.state_dict().items():
                 weight += f.get_tensor(PREFIXES[part] + name).to(weight)
     return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Speed switches (train.py and edit.py; bench.py measures each, test_fastpaths.py checks each)
+
+def bf16_autocast(device, enabled=None):
+    """A bfloat16 autocast region for the UNet and text encoder passes, or None for plain fp32.
+
+    Weights and optimizer state stay fp32 either way (lr 1e-6 updates would vanish in bf16 weights),
+    and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that has bf16, off on
+    a CPU, where it is faster only on CPUs with bf16 instructions (AVX512-BF16, AMX) and changes the
+    output slightly; ask for it there with --bf16."""
+    if enabled is None:
+        enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
+
+
+def speed_up(unet, channels_last=False, compile=False):
+    """Optional, in place: channels_last stores conv weights (and so activations) as NHWC, which
+    some conv kernels prefer; compile has torch.compile fuse the UNet (minutes for the first call)."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile:
+        unet.compile()  # in place, so state_dict() keys stay the checkpoint's
+    return unet

@@ -8,7 +8,9 @@ paper's whole-image ablation: 800 steps, no position map.
 """
 import argparse
 import os
+import shlex
 import signal
+import sys
 
 import torch
 from safetensors import safe_open
@@ -16,7 +18,7 @@ from tqdm import tqdm
 
 import cli
 import sine
-from model import load_sd
+from model import load_sd, read_header
 from model.schedule import alphas_cumprod
 
 
@@ -37,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward to save memory (default: on with CUDA)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="forward and backward in bfloat16 autocast; weights and AdamW state stay fp32 "
+                        "(default: on with CUDA, off on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first step is slow)")
     args = p.parse_args(argv)
     args.patch = not args.no_patch
     args.steps = args.steps if args.steps is not None else (10_000 if args.patch else 800)
@@ -53,13 +59,18 @@ def check_args(args):
     """Everything a user can get wrong, checked before any weight is loaded."""
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive (got {args.lr})")
+    if not 0 < args.lr < float("inf"):  # also refuses nan
+        raise ValueError(f"--lr must be a positive number (got {args.lr})")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 or more (got {args.save_every})")
     sine.training_prompt(args.prompt)
     if args.resume and not os.path.exists(resume_path(args.out)):
         raise ValueError(f"--resume: no resume state at {resume_path(args.out)}; train with --save-every N to make one")
+    if args.resume:
+        read_header(resume_path(args.out))  # a damaged state is refused here, not after the model loads
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a folder: give a file name, "
+                         f"e.g. {os.path.join(args.out, 'castle.safetensors')}")
     if os.path.exists(args.out) and not (args.overwrite or args.resume):
         raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or choose another --out")
     cli.check_writable_folder(args.out)
@@ -70,11 +81,11 @@ def check_args(args):
 
 def save(args, sd, optimizer, generator, step, image_size, resumable):
     try:
-        if resumable:
-            save_resume_state(resume_path(args.out), sd, optimizer, generator, step)
         sine.save_finetuned(args.out, sd, args.base, {
             "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image_size[0]}x{image_size[1]}",
             "steps": step, "seed": args.seed, "lr": args.lr})
+        if resumable:  # written last: a resume state on disk means its save completed
+            save_resume_state(resume_path(args.out), sd, optimizer, generator, step)
     except OSError as e:
         cli.fail(f"could not save step {step} to {args.out} ({e.strerror or e}); files saved earlier are intact")
     if not resumable and os.path.exists(resume_path(args.out)):
@@ -116,7 +127,13 @@ def trainable_parameters(sd):
 
 # ---------------------------------------------------------------------------------------------
 
+def resume_command(argv):
+    """The command line that continues this run: the same arguments, plus --resume."""
+    return "python " + shlex.join(["train.py", *[a for a in argv if a not in ("--resume", "--overwrite")], "--resume"])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
         check_args(args)
@@ -131,6 +148,8 @@ def main(argv=None):
     for module in sine.trainable_parts(sd).values():
         module.train().requires_grad_(True)
     use_checkpointing = args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
+    memory_hint = ("training needs ~16 GB: use a GPU with more memory" if use_checkpointing else
+                   "training needs ~16 GB: turn on --grad-checkpointing, or use a GPU with more memory")
     sd.unet.gradient_checkpointing = use_checkpointing
     optimizer = torch.optim.AdamW([p for _, p in trainable_parameters(sd)], lr=args.lr, weight_decay=0.01,
                                   fused=device.type == "cuda")
@@ -139,26 +158,26 @@ def main(argv=None):
     ids = sd.tokenizer([sine.training_prompt(args.prompt)]).to(device)
     full_map = sine.position_map(sd.config.unet.model_channels).to(device) if args.patch else None
     alphas = alphas_cumprod().to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    autocast = sine.bf16_autocast(device, args.bf16)
+    sine.speed_up(sd.unet, compile=args.compile)
     start = load_resume_state(resume_path(args.out), sd, optimizer, generator) if args.resume else 0
 
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the step, then save
     step = start
-    bar = tqdm(total=args.steps, initial=start, desc="fine-tuning")
-    while step < args.steps and not interrupted:
-        with cli.out_of_memory_hint("training needs ~16 GB; turn on --grad-checkpointing or use a larger GPU"):
-            loss = sine.training_step(sd, optimizer, canvas, ids, args.patch, generator, alphas, full_map, autocast)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
-            save(args, sd, optimizer, generator, step, image.size, resumable=True)
-    bar.close()
+    with tqdm(total=args.steps, initial=start, desc="fine-tuning") as bar:  # closed before any error prints
+        while step < args.steps and not interrupted:
+            with cli.out_of_memory_hint(memory_hint):
+                loss = sine.training_step(sd, optimizer, canvas, ids, args.patch, generator, alphas, full_map,
+                                          autocast)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if args.save_every and step % args.save_every == 0 and step < args.steps:
+                save(args, sd, optimizer, generator, step, image.size, resumable=True)
     save(args, sd, optimizer, generator, step, image.size, resumable=bool(interrupted))
     if interrupted:
-        cli.say(f"interrupted at step {step}; continue with: python train.py {args.image} \"{args.prompt}\" "
-                f"--out {args.out} --steps {args.steps} --resume")
+        cli.say(f"interrupted at step {step}, saved {args.out}; continue with: {resume_command(argv)}")
     print(args.out)
 
 

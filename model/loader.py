@@ -65,6 +65,7 @@ class StableDiffusion:
     tokenizer: Tokenizer
     config: SDConfig
     description: str  # what was loaded, e.g. "SD v1, EMA UNet weights, stored as fp16"
+    file_keys: dict   # {"unet": {parameter name: key in the file}, "vae": ..., "text_encoder": ...}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +74,31 @@ class StableDiffusion:
 def _pickle_error(path):
     return CheckpointError(f"{path} is a pickle file, which can run code when loaded; it was not opened. "
                            "Convert it to .safetensors first (or download the .safetensors version).")
+
+
+def _looks_like_pickle(head, last):
+    """torch.save's zip format starts with "PK"; a pickle starts with the PROTO opcode 0x80, or (the
+    old text protocols) with GLOBAL "c", MARK "(" or an empty dict/list, and ends with STOP "."."""
+    return head[:2] == b"PK" or head[:1] == b"\x80" or (head[:1] in (b"c", b"(", b"}", b"]") and last == b".")
+
+
+def _parse_header(data):
+    """The header's JSON as a dict, or None if it is not one."""
+    try:
+        header = json.loads(data)
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, or absurd nesting
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _valid_entry(entry):
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    return (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)
+            and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str))
+
+
+def _valid_metadata(metadata):
+    return isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
 
 
 def read_header(path):
@@ -85,20 +111,24 @@ def read_header(path):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
-        # A pickle starts with the PROTO opcode 0x80; torch.save's zip format starts with "PK".
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+        # Checked before reading: a header longer than the file, or than any real one, is never read.
+        fits = header_len is not None and header_len <= min(MAX_HEADER_BYTES, size - 8)
+        header = _parse_header(f.read(header_len)) if fits else None
+        f.seek(max(size - 1, 0))
+        last = f.read(1)
+    if header is None:
+        # Only now look for a pickle: a valid header length can start with the same bytes.
+        if _looks_like_pickle(head, last):
             raise _pickle_error(path)
-        if len(head) < 8:
+        if header_len is None:
             raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
+        if not fits:
             raise CheckpointError(f"{path} is not a valid safetensors file (its header claims {header_len} bytes)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file (unreadable header)")
+    bad = [k for k, v in header.items() if not (_valid_metadata(v) if k == "__metadata__" else _valid_entry(v))]
+    if bad:
+        raise CheckpointError(f"{path} is not a valid safetensors file (bad header entry {bad[0]!r})")
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes on disk, {8 + header_len + data_end} "
@@ -161,19 +191,24 @@ def _first(names, n=3):
 
 def _load_part(module, names, path, device, dtype):
     """Fill a module built on the meta device with tensors read one at a time from the file."""
-    expected = module.state_dict().keys()
+    expected = module.state_dict()
     missing, unexpected = set(expected) - set(names), set(names) - set(expected)
     if missing or unexpected:
         problem = f"missing keys {_first(missing)}" if missing else f"unexpected keys {_first(unexpected)}"
         raise CheckpointError(f"{path} does not match the SD v1 layout: {problem}")
     with safe_open(path, framework="pt") as f:
+        for name, file_key in names.items():
+            shape, want = list(f.get_slice(file_key).get_shape()), list(expected[name].shape)
+            if shape != want:
+                raise CheckpointError(f"{path} does not match the SD v1 layout: {file_key} has shape {shape}, "
+                                      f"SD v1 has {want}")
         state = {name: f.get_tensor(file_key).to(device=device, dtype=dtype) for name, file_key in names.items()}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
-def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
-    """Load an SD v1 safetensors checkpoint (or a `model.tiny` one) into our modules."""
+def check_sd_v1(path):
+    """Read a base checkpoint's header and refuse anything but SD v1: (header, metadata). Fast."""
     header = read_header(path)
     path = os.fspath(path)
     metadata = header.pop("__metadata__", None) or {}
@@ -183,7 +218,19 @@ def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
     other = describe_other_model(header)
     if other:
         raise CheckpointError(f"{path} is {other}; sine needs a Stable Diffusion v1 file (e.g. v1-5-pruned-emaonly.safetensors)")
-    config = SDConfig.from_json(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else SDConfig()
+    return header, metadata
+
+
+def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
+    """Load an SD v1 safetensors checkpoint (or a `model.tiny` one) into our modules.
+
+    dtype is for the UNet and the text encoder; the VAE is always fp32 (it overflows fp16)."""
+    header, metadata = check_sd_v1(path)
+    path = os.fspath(path)
+    try:
+        config = SDConfig.from_json(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else SDConfig()
+    except (ValueError, TypeError, KeyError):
+        raise CheckpointError(f"{path} has an unreadable {CONFIG_KEY} entry in its metadata") from None
 
     names = {"unet": {}, "vae": {}, "text_encoder": {}, "ema": {}, "unexpected": {}, "ignore": {}}
     for key in header:
@@ -203,11 +250,12 @@ def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
         if missing:
             raise CheckpointError(f"{path} has incomplete EMA weights: missing {_first(missing)}")
     _load_part(unet, names["unet"], path, device, dtype)
-    _load_part(vae, names["vae"], path, device, dtype)
+    _load_part(vae, names["vae"], path, device, torch.float32)  # always fp32: see model/vae.py, Precision
     _load_part(text_encoder, names["text_encoder"], path, device, dtype)
 
     stored = {v["dtype"] for k, v in header.items() if k.startswith("model.diffusion_model.")}
     description = (f"{os.path.basename(path)}: {'tiny test model' if CONFIG_KEY in metadata else 'SD v1'}, "
                    f"{'EMA' if use_ema else 'non-EMA' if names['ema'] else 'the file'}'s UNet weights, "
                    f"stored as {'/'.join(sorted(stored)).lower()}")
-    return StableDiffusion(unet, vae, text_encoder, Tokenizer(), config, description)
+    file_keys = {part: names[part] for part in PREFIXES}
+    return StableDiffusion(unet, vae, text_encoder, Tokenizer(), config, description, file_keys)

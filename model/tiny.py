@@ -8,6 +8,7 @@ A tiny file records its config in the safetensors metadata; `load_sd` reads it f
 Its pictures are noise: the point is that every code path runs and every shape is right.
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -32,18 +33,22 @@ TINY = SDConfig(
 def random_state_dict(config: SDConfig, seed=0):
     """Every tensor of the file, keyed as in SD v1, with random values.
 
-    PyTorch's default init leaves norm weights at 1 and many biases at 0; we perturb every tensor
-    so that a swapped or misplaced weight changes the output and a parity test can see it.
+    Matrices and conv kernels get N(0, 1/fan_in), which keeps activations at a sane scale through
+    the deep UNet. Norm weights get 1 + N(0, 0.1^2) and biases N(0, 0.1^2) rather than PyTorch's
+    constant 1 and 0: then a swapped or misplaced weight changes the output, and a parity test sees it.
     """
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        parts = {"unet": UNet(config.unet), "vae": VAE(config.vae), "text_encoder": TextEncoder(config.text_encoder)}
     state = {}
-    for part, module in (("unet", UNet(config.unet)), ("vae", VAE(config.vae)),
-                         ("text_encoder", TextEncoder(config.text_encoder))):
-        for name, tensor in module.state_dict().items():
-            scale = tensor.float().std().item() if tensor.numel() > 1 else 0.0
-            tensor += torch.randn_like(tensor) * (0.1 if scale == 0.0 else 0.1 * scale)
-            state[PREFIXES[part] + name] = tensor.contiguous()
-        del module
+    for part, module in parts.items():
+        for name, meta in module.state_dict().items():
+            tensor = torch.randn(meta.shape, generator=generator)
+            if meta.dim() > 1:
+                tensor /= math.sqrt(meta[0].numel())  # fan_in: everything but the output dimension
+            else:
+                tensor = tensor * 0.1 + (1.0 if name.endswith("weight") else 0.0)
+            state[PREFIXES[part] + name] = tensor
     return state
 
 

@@ -1,0 +1,906 @@
+"""Hardening: every way a user can get train.py or edit.py wrong ends with one clear line on stderr,
+never a traceback, and nothing is created or overwritten; saves survive `kill -9`; Ctrl-C saves and
+says how to resume; a pickle is never opened.
+
+The CLIs run as subprocesses from a private copy of the program whose weights/ holds only a
+`model.tiny` checkpoint (as in test_cli.py). Every row of the table runs in its own folder, so the
+rows can run in parallel and each can prove that nothing in its folder changed. Each row is then
+run once more in-process with weight loading, training and sampling booby-trapped, which proves
+that the input was checked before any of them started.
+"""
+import concurrent.futures
+import errno
+import hashlib
+import io
+import os
+import pickle
+import shlex
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import tokenize
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import cli
+import edit
+import model.loader
+import sine
+import train
+from model import load_sd
+from model.tiny import TINY, write_checkpoint
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PROMPT = "a photo of a [*] castle"
+PHOTO_SIZE = (64, 48)  # (w, h)
+MARKER = "PAYLOAD-RAN"  # what the booby-trapped pickles create, in the work folder, if ever unpickled
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def script(root, name):
+    return [sys.executable, os.path.join(root, name)]
+
+
+def run(root, name, *args, cwd):
+    return subprocess.run(script(root, name) + [str(a) for a in args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def snapshot(folder, skip=()):
+    """Every folder and file under folder, each file with its size, mtime and contents hash."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
+        state[os.path.relpath(dirpath, folder) + os.sep] = "folder"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            state[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns, sha256(path))
+    return state
+
+
+def changes(before, after):
+    return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def error_line(stderr):
+    """The CLI's whole complaint: exactly one non-empty line, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    return lines[0]
+
+
+def exit_message(exit_info):
+    """In-process, cli.fail's line is the SystemExit's message: Python prints it on the way out."""
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("error: "), message
+    return error_line(message)
+
+
+def load_tensors(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+class Payload:
+    """Unpickling this creates the marker file: proof that a pickle was opened."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: photos in every awkward format, pickles, and checkpoints that are not SD v1
+
+def photo_array():
+    """A gradient with a different colour in every corner, so that a rotation is visible."""
+    w, h = PHOTO_SIZE
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), 255 - x * 255 // (w - 1)], axis=-1).astype(np.uint8)
+
+
+def photo_rgb(path):
+    Image.fromarray(photo_array()).save(path)
+
+
+def photo_gray(path):
+    Image.fromarray(photo_array()).convert("L").save(path)
+
+
+def photo_rgba(path):
+    rgba = np.concatenate([photo_array(), np.full(photo_array().shape[:2] + (1,), 90, np.uint8)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+PALETTE = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [240, 240, 20]], np.uint8)
+
+
+def palette_indices():
+    w, h = PHOTO_SIZE
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x * 2 // w) + 2 * (y * 2 // h)).astype(np.uint8)  # four quadrants
+
+
+def photo_palette(path):
+    image = Image.fromarray(palette_indices(), "P")
+    image.putpalette(PALETTE.flatten().tolist())
+    image.save(path)
+
+
+def photo_cmyk_jpeg(path):
+    Image.fromarray(photo_array()).convert("CMYK").save(path, quality=95)
+
+
+def gray16_array():
+    return photo_array()[..., 0].astype(np.uint16) * 256 + 100  # 100..65380: the low byte must not matter
+
+
+def photo_gray16(path):
+    image = Image.fromarray(gray16_array())
+    assert image.mode == "I;16"
+    image.save(path)
+
+
+def photo_exif_rotated(path):
+    """Stored landscape, with EXIF orientation 6: shown rotated 90 degrees clockwise, as a phone does."""
+    image = Image.fromarray(photo_array())
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif, quality=95)
+
+
+def photo_bomb(path, width=8000, height=6000):
+    """A real decompression bomb: 48 megapixels of grey that compress to ~50 kB."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    compressor, row = zlib.compressobj(9), b"\0" * (width + 1)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                           + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def photo_truncated_png(path):
+    buffer = io.BytesIO()
+    Image.fromarray(photo_array()).save(buffer, format="PNG")
+    Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+
+def pickle_p4(path, root):
+    Path(path).write_bytes(pickle.dumps({"state_dict": Payload(os.path.join(root, MARKER))}, protocol=4))
+
+
+def pickle_p0(path, root):
+    Path(path).write_bytes(pickle.dumps(Payload(os.path.join(root, MARKER)), protocol=0))
+
+
+def torch_zip(path, root):
+    torch.save({"state_dict": Payload(os.path.join(root, MARKER))}, path)
+
+
+def torch_legacy(path, root):
+    torch.save({"state_dict": Payload(os.path.join(root, MARKER))}, path, _use_new_zipfile_serialization=False)
+
+
+def fake_checkpoint(shapes):
+    def make(path, root):
+        save_file({k: torch.zeros(shape, dtype=torch.float16) for k, shape in shapes.items()}, path)
+    return make
+
+
+SD2 = fake_checkpoint({"cond_stage_model.model.ln_final.weight": [1024],
+                       "model.diffusion_model.input_blocks.1.1.proj_in.weight": [320, 320],
+                       "first_stage_model.decoder.conv_out.bias": [3]})
+SDXL = fake_checkpoint({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": [768],
+                        "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]})
+INPAINTING = fake_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3],
+                              "cond_stage_model.transformer.text_model.final_layer_norm.weight": [768],
+                              "first_stage_model.decoder.conv_out.bias": [3]})
+RANDOM_KEYS = fake_checkpoint({"encoder.layer.0.weight": [4, 4], "lm_head.bias": [4]})
+
+
+def truncated_base(path, root):
+    data = Path(root, "weights", "tiny.safetensors").read_bytes()
+    Path(path).write_bytes(data[:len(data) // 2])
+
+
+def not_safetensors(path, root):
+    photo_rgb(path + ".png")
+    os.replace(path + ".png", path)  # a PNG named .safetensors
+
+
+def header_longer_than_file(path, root):
+    Path(path).write_bytes(struct.pack("<Q", 5000) + b'{"a": {}}')
+
+
+def header_over_100mb(path, root):
+    """A 150 MB (sparse) file whose header claims 120 MB: within the file, over the limit."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 120_000_000) + b"{")
+        f.truncate(150_000_000)
+
+
+def base_without_config(path, root):
+    """The tiny checkpoint without its config: SD v1 key names, with shapes that are not SD v1's."""
+    write_checkpoint(path, TINY, record_config=False)
+
+
+def finetuned_copy(name):
+    def make(path, root):
+        shutil.copy(os.path.join(root, "finetuned.safetensors"), path)
+    return make
+
+
+def text_file(path, root):
+    Path(path).write_text("not a photo\n")
+
+
+def empty_file(path, root):
+    Path(path).write_bytes(b"")
+
+
+def regular_file(path, root):
+    Path(path).write_bytes(b"some file in the way\n")
+
+
+def photo(maker):
+    return lambda path, root: maker(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+@dataclass
+class Row:
+    id: str
+    script: str
+    args: list                   # {root}, {base}, {finetuned}, {other_base} are filled in
+    words: list                  # must all be in the one error line (same placeholders)
+    inputs: dict = field(default_factory=dict)   # file name in the row's folder -> maker(path, root)
+    accepted: tuple = None       # accepted rows: the source size (w, h) the fine-tuned file must record
+
+
+def train_row(id, image, prompt, *options, words, inputs=None, accepted=None):
+    inputs = {"photo.png": photo(photo_rgb), **(inputs or {})}
+    return Row(id, "train.py", [image, prompt, "--steps", "1", *options], words, inputs, accepted)
+
+
+def edit_row(id, *options, words, inputs=None, **flags):
+    values = {"target": "... in snow", "finetuned": "{finetuned}", "steps": "1", "height": "64", "width": "64",
+              "out": "pngs", **flags}
+    args = [x for k, v in values.items() for x in (f"--{k}", v)]
+    return Row(id, "edit.py", args + list(options), words, inputs or {})
+
+
+def base_row(id, file, maker, *words):
+    """train.py with --base file: the error names the file and the words."""
+    return train_row(id, "photo.png", PROMPT, "--base", file, words=[file, *words], inputs={file: maker})
+
+
+def accepted_row(id, file, maker, size):
+    return train_row(id, file, PROMPT, words=[], inputs={file: photo(maker)}, accepted=size)
+
+
+W, H = PHOTO_SIZE
+PICKLED = ["pickle", "Convert it to .safetensors"]
+NOT_V1 = "needs a Stable Diffusion v1 file"
+ROWS = [
+    # the photo
+    train_row("image-missing", "nope.jpg", PROMPT, words=["nope.jpg", "no such file"]),
+    train_row("image-is-a-folder", "pics", PROMPT, words=["pics", "directory"],
+              inputs={"pics/a.png": photo(photo_rgb)}),
+    train_row("image-text-named-jpg", "notes.jpg", PROMPT, words=["notes.jpg", "not an image"],
+              inputs={"notes.jpg": text_file}),
+    train_row("image-truncated", "cut.png", PROMPT, words=["cut.png", "truncated"],
+              inputs={"cut.png": photo(photo_truncated_png)}),
+    train_row("image-over-40-megapixels", "bomb.png", PROMPT, words=["bomb.png", "8000x6000", "40 megapixels"],
+              inputs={"bomb.png": photo(photo_bomb)}),
+    accepted_row("image-grayscale", "gray.png", photo_gray, (W, H)),
+    accepted_row("image-rgba", "rgba.png", photo_rgba, (W, H)),
+    accepted_row("image-palette", "palette.png", photo_palette, (W, H)),
+    accepted_row("image-cmyk", "cmyk.jpg", photo_cmyk_jpeg, (W, H)),
+    accepted_row("image-16-bit", "gray16.png", photo_gray16, (W, H)),
+    accepted_row("image-exif-rotated", "phone.jpg", photo_exif_rotated, (H, W)),  # stored landscape, shown portrait
+    # the prompt
+    train_row("prompt-without-identifier", "photo.png", "a photo of a castle",
+              words=["[*]", "identifier", 'e.g. "a photo of a [*] castle"']),
+    # --base
+    base_row("base-pickle-ckpt", "sd.ckpt", torch_zip, *PICKLED),
+    base_row("base-pickle-pt", "sd.pt", torch_legacy, *PICKLED),
+    base_row("base-pickle-bin", "sd.bin", pickle_p4, *PICKLED),
+    base_row("base-pickle-renamed", "sd.safetensors", pickle_p4, *PICKLED),
+    base_row("base-pickle-zip-renamed", "sd.safetensors", torch_zip, *PICKLED),
+    base_row("base-pickle-protocol0-renamed", "sd.safetensors", pickle_p0, *PICKLED),
+    train_row("base-missing", "photo.png", PROMPT, "--base", "nope.safetensors",
+              words=["nope.safetensors", "no such file"]),
+    base_row("base-truncated", "cut.safetensors", truncated_base, "truncated", "bytes on disk", "Download it again"),
+    base_row("base-not-safetensors", "png.safetensors", not_safetensors, "not a valid safetensors file"),
+    base_row("base-empty", "empty.safetensors", empty_file, "not a safetensors file", "0 bytes"),
+    base_row("base-header-longer-than-file", "long.safetensors", header_longer_than_file, "header claims 5000 bytes"),
+    base_row("base-header-over-100mb", "huge.safetensors", header_over_100mb, "header claims 120000000 bytes"),
+    base_row("base-sd2", "sd2.safetensors", SD2, "an SD 2.x checkpoint", NOT_V1),
+    base_row("base-sdxl", "sdxl.safetensors", SDXL, "an SDXL checkpoint", NOT_V1),
+    base_row("base-inpainting", "inpaint.safetensors", INPAINTING, "inpainting", "9 input channels", NOT_V1),
+    base_row("base-random-keys", "other.safetensors", RANDOM_KEYS, "not a Stable Diffusion checkpoint", NOT_V1),
+    base_row("base-wrong-shapes", "odd.safetensors", base_without_config, "does not match the SD v1 layout"),
+    base_row("base-is-finetuned", "ft.safetensors", finetuned_copy("ft"), "fine-tuned file", "--finetuned", "--base"),
+    # numbers and the output
+    train_row("train-steps-0", "photo.png", PROMPT, "--steps", "0", words=["--steps", "at least 1", "got 0"]),
+    train_row("train-lr-nan", "photo.png", PROMPT, "--lr", "nan", words=["--lr", "positive"]),
+    train_row("train-out-exists", "photo.png", PROMPT, "--out", "mine.safetensors",
+              words=["mine.safetensors", "exists", "--overwrite"], inputs={"mine.safetensors": finetuned_copy("mine")}),
+    train_row("train-out-under-a-file", "photo.png", PROMPT, "--out", "blocker/ft.safetensors",
+              words=["blocker", "cannot write", "--out"], inputs={"blocker": regular_file}),
+    train_row("train-out-is-a-folder", "photo.png", PROMPT, "--out", "results",
+              words=["results", "folder", "--out"], inputs={"results/keep.txt": text_file}),
+    train_row("train-resume-without-state", "photo.png", PROMPT, "--resume",
+              words=["--resume", "photo.resume.safetensors", "--save-every"]),
+    # edit.py: the fine-tuned file and the base
+    edit_row("finetuned-pickle-ckpt", words=["ft.ckpt", *PICKLED], inputs={"ft.ckpt": pickle_p4},
+             finetuned="ft.ckpt"),
+    edit_row("finetuned-pickle-renamed", words=["ft.safetensors", *PICKLED], inputs={"ft.safetensors": torch_zip},
+             finetuned="ft.safetensors"),
+    edit_row("finetuned-is-a-base", words=["{base}", "base checkpoint", "--base"], finetuned="{base}"),
+    edit_row("finetuned-from-another-base", base="{other_base}",
+             words=["{finetuned}", "fine-tuned from tiny.safetensors", "{other_base}", "--base"]),
+    edit_row("finetuned-is-a-resume-state", words=["castle.resume.safetensors", "resume state", "castle.safetensors"],
+             inputs={"castle.resume.safetensors": finetuned_copy("resume")}, finetuned="castle.resume.safetensors"),
+    edit_row("finetuned-missing", words=["nope.safetensors", "no such file"], finetuned="nope.safetensors"),
+    edit_row("edit-base-pickle-renamed", words=["sd.safetensors", *PICKLED], inputs={"sd.safetensors": pickle_p4},
+             base="sd.safetensors"),
+    edit_row("edit-base-sd2", words=["sd2.safetensors", "SD 2", NOT_V1], inputs={"sd2.safetensors": SD2},
+             base="sd2.safetensors"),
+    # edit.py: numbers and sizes
+    edit_row("K-above-1000", words=["--K 1001", "between 0 and 1000"], K="1001"),
+    edit_row("K-negative", words=["--K -1", "between 0 and 1000"], K="-1"),
+    edit_row("v-above-1", words=["--v 1.5", "between 0.0 and 1.0"], v="1.5"),
+    edit_row("v-negative", words=["--v -0.1", "between 0.0 and 1.0"], v="-0.1"),
+    edit_row("edit-steps-0", words=["--steps", "at least 1", "got 0"], steps="0"),
+    edit_row("scale-negative", words=["--scale", "0 or more", "got -1.0"], scale="-1"),
+    edit_row("height-not-multiple", words=["--height 100", "multiple of 64", "nearest: 64 or 128"], height="100"),
+    edit_row("width-below-64", words=["--width 30", "multiple of 64", "nearest: 64"], width="30"),
+    edit_row("height-zero", words=["--height 0", "nearest: 64"], height="0"),
+    edit_row("height-absurd", words=["--height 64000", "4096", "nearest: 4096"], height="64000"),
+    edit_row("edit-out-under-a-file", words=["blocker", "cannot write", "--out"], inputs={"blocker": regular_file},
+             out="blocker/pngs"),
+]
+
+
+def fill(text, root):
+    return text.format(root=root, base=os.path.join(root, "weights", "tiny.safetensors"),
+                       finetuned=os.path.join(root, "finetuned.safetensors"),
+                       other_base=os.path.join(root, "other-base.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A private copy of the program; weights/ holds one tiny checkpoint. Beside it: a fine-tuned
+    file made from that checkpoint (no training: the differences are zero) and a second base."""
+    root = tmp_path_factory.mktemp("sine-hardening")
+    for name in ("train.py", "edit.py", "cli.py", "sine.py"):
+        shutil.copy(os.path.join(REPO, name), root / name)
+    shutil.copytree(os.path.join(REPO, "model"), root / "model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (root / "weights").mkdir()
+    for name in os.listdir(os.path.join(REPO, "weights")):
+        if name.endswith(".gz"):
+            shutil.copy(os.path.join(REPO, "weights", name), root / "weights" / name)
+    base = str(root / "weights" / "tiny.safetensors")
+    write_checkpoint(base, TINY, seed=0)
+    write_checkpoint(str(root / "other-base.safetensors"), TINY, seed=1)
+    sd = load_sd(base)
+    sine.save_finetuned(str(root / "finetuned.safetensors"), sd, base, {
+        "prompt": PROMPT, "position_map": True, "source_size": f"{W}x{H}", "steps": 0, "seed": 0, "lr": 1e-6})
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def table(root):
+    """Run every row's CLI once, in parallel, each in its own folder; snapshot before and after."""
+    shared_before = snapshot(root, skip={os.path.join(root, "rows")})
+    results = {}
+
+    def prepare(row):
+        folder = os.path.join(root, "rows", row.id)
+        os.makedirs(folder)
+        for name, make in row.inputs.items():
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            make(os.path.join(folder, name), root)
+        return folder
+
+    folders = {row.id: prepare(row) for row in ROWS}
+    befores = {row.id: snapshot(folders[row.id]) for row in ROWS}
+
+    def go(row):
+        args = [fill(a, root) for a in row.args]
+        return row.id, run(root, row.script, *args, cwd=folders[row.id])
+
+    # Accepted rows train a step: start them first so that they overlap the quick ones.
+    order = sorted(ROWS, key=lambda r: r.accepted is None)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for row_id, result in pool.map(go, order):
+            results[row_id] = result
+    return {"results": results, "folders": folders, "before": befores,
+            "after": {row.id: snapshot(folders[row.id]) for row in ROWS},
+            "shared_before": shared_before, "shared_after": snapshot(root, skip={os.path.join(root, "rows")})}
+
+
+class WeightsTouched(Exception):
+    """Raised by the booby traps: a weight was loaded, a training step or the sampler started."""
+
+
+@pytest.fixture
+def booby_trapped(monkeypatch, root):
+    def trap(*args, **kwargs):
+        raise WeightsTouched
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", trap)
+    monkeypatch.setattr(sine, "training_step", trap)
+    monkeypatch.setattr(sine, "edit", trap)
+    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # load_image changes it
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # train.main must not take over pytest's Ctrl-C
+
+
+# ---------------------------------------------------------------------------------------------
+# The table, through the real CLIs
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_table(row, table, root, booby_trapped, monkeypatch, capsys):
+    result, folder = table["results"][row.id], table["folders"][row.id]
+    before, after = table["before"][row.id], table["after"][row.id]
+    args = [fill(a, root) for a in row.args]
+
+    if row.accepted:
+        assert result.returncode == 0, f"{row.id}: the photo was refused:\n{result.stderr[-2000:]}"
+        out = os.path.join("finetuned", os.path.splitext(args[0])[0] + ".safetensors")
+        assert result.stdout.strip() == out
+        assert set(changes(before, after)) == {"finetuned" + os.sep, out}, changes(before, after)
+        _, metadata = load_tensors(os.path.join(folder, out))
+        assert metadata["source_size"] == "{}x{}".format(*row.accepted), "EXIF rotation not applied?"
+        # In-process: the photo passes every check and the program goes on to load the weights.
+        monkeypatch.chdir(folder)
+        with pytest.raises(WeightsTouched):
+            train.main(args + ["--overwrite"])
+        return
+
+    line = error_line(result.stderr)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    for word in row.words:
+        assert fill(word, root) in line, f"{fill(word, root)!r} not in: {line}"
+    assert not changes(before, after), f"{row.id} changed files: {changes(before, after)}"
+    assert not os.path.exists(os.path.join(root, MARKER)), "a pickle was unpickled"
+
+    # In-process, with weights, training and sampling booby-trapped: the same line, before any of them.
+    monkeypatch.chdir(folder)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        (train if row.script == "train.py" else edit).main(args)
+    assert exit_message(exit_info) == line
+    assert capsys.readouterr().err == "", "nothing else is printed"
+    assert not changes(before, snapshot(folder))
+
+
+def test_table_left_shared_files_alone(table):
+    assert not changes(table["shared_before"], table["shared_after"])
+
+
+def test_table_covers_every_photo_mode_and_checkpoint_kind():
+    """The issue's rows, by name: a row deleted from the table fails here."""
+    ids = {r.id for r in ROWS}
+    needed = {"image-missing", "image-is-a-folder", "image-text-named-jpg", "image-over-40-megapixels",
+              "image-grayscale", "image-rgba", "image-palette", "image-cmyk", "image-16-bit", "image-exif-rotated",
+              "prompt-without-identifier", "base-pickle-ckpt", "base-pickle-pt", "base-pickle-bin",
+              "base-pickle-renamed", "finetuned-pickle-ckpt", "finetuned-pickle-renamed", "base-truncated",
+              "base-not-safetensors", "base-sd2", "base-sdxl", "base-inpainting", "base-random-keys",
+              "finetuned-is-a-base", "finetuned-from-another-base", "K-above-1000", "K-negative", "v-above-1",
+              "v-negative", "train-steps-0", "edit-steps-0", "scale-negative", "height-not-multiple",
+              "width-below-64", "train-out-under-a-file", "edit-out-under-a-file", "train-out-exists"}
+    assert needed <= ids, needed - ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos: converted to RGB, rotation applied (pixel by pixel, in-process)
+
+@pytest.mark.parametrize("maker, suffix, expected, tolerance", [
+    (photo_gray, ".png", lambda: np.repeat(np.array(Image.fromarray(photo_array()).convert("L"))[..., None], 3, -1), 0),
+    (photo_rgba, ".png", photo_array, 0),
+    (photo_palette, ".png", lambda: PALETTE[palette_indices()], 0),
+    (photo_cmyk_jpeg, ".jpg", photo_array, 4),
+    (photo_gray16, ".png", lambda: np.repeat((gray16_array() >> 8).astype(np.uint8)[..., None], 3, -1), 0),
+    (photo_exif_rotated, ".jpg", lambda: np.rot90(photo_array(), k=-1), 4),  # k=-1: clockwise
+], ids=["grayscale", "rgba", "palette", "cmyk", "16-bit", "exif-rotated"])
+def test_photo_modes_become_rgb(tmp_path, maker, suffix, expected, tolerance):
+    path = str(tmp_path / ("photo" + suffix))
+    maker(path)
+    image = sine.load_image(path)
+    assert image.mode == "RGB"
+    got, want = np.asarray(image).astype(int), expected().astype(int)
+    assert got.shape == want.shape
+    assert np.abs(got - want).mean() <= tolerance, np.abs(got - want).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles are never opened
+
+def test_renamed_pickle_is_refused_and_its_payload_never_runs(root, tmp_path):
+    marker = os.path.join(root, MARKER)
+    evil = str(tmp_path / "v1-5-pruned-emaonly.safetensors")
+    pickle_p4(evil, root)
+    # The payload is live: unpickling it does create the marker.
+    pickle.loads(Path(evil).read_bytes())
+    assert os.path.exists(marker)
+    os.remove(marker)
+
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    for name, args in [("train.py", ["photo.png", PROMPT, "--base", evil]),
+                       ("edit.py", ["--target", "a castle", "--finetuned", evil, "--height", "64", "--width", "64"]),
+                       ("edit.py", ["--target", "a castle", "--finetuned", "none", "--base", evil])]:
+        result = run(root, name, *args, cwd=str(tmp_path))
+        line = error_line(result.stderr)
+        assert result.returncode != 0
+        assert evil in line and "pickle" in line and "Convert it to .safetensors" in line, line
+        assert not os.path.exists(marker), f"{name} unpickled {evil}"
+
+
+def test_runtime_code_never_unpickles():
+    """No runtime source calls torch.load, pickle, or another unpickler (comments and strings aside)."""
+    files = [f for f in os.listdir(REPO) if f.endswith(".py") and not f.startswith(("test_", "conftest"))]
+    files += [os.path.join("model", f) for f in os.listdir(os.path.join(REPO, "model")) if f.endswith(".py")]
+    assert {"train.py", "edit.py", "cli.py", "sine.py", os.path.join("model", "loader.py")} <= set(files)
+    forbidden = {"pickle", "cPickle", "_pickle", "dill", "joblib", "marshal", "shelve", "cloudpickle"}
+    for name in files:
+        with open(os.path.join(REPO, name), "rb") as f:
+            tokens = [t.string for t in tokenize.tokenize(f.readline) if t.type == tokenize.NAME or t.string == "."]
+        assert not forbidden & set(tokens), f"{name} uses {forbidden & set(tokens)}"
+        calls = {".".join(tokens[i:i + 3]) for i in range(len(tokens) - 2)}
+        loaders = calls & {"torch.load", "np.load", "numpy.load", "jit.load"}
+        assert not loaders, f"{name} calls {loaders}"
+
+
+def test_header_limits_are_checked_before_parsing(tmp_path, monkeypatch):
+    """A header longer than the file, or over 100 MB, is refused having read only the first 8 bytes."""
+    longer = str(tmp_path / "longer.safetensors")
+    header_longer_than_file(longer, None)
+    huge = str(tmp_path / "huge.safetensors")
+    header_over_100mb(huge, None)
+    reads = []
+
+    class Spy(io.FileIO):
+        def read(self, n=-1):
+            reads.append(n)
+            return super().read(n)
+
+    monkeypatch.setattr(model.loader, "open", lambda path, mode="r": Spy(path, mode.replace("b", "")), raising=False)
+    monkeypatch.setattr(model.loader.json, "loads", lambda *a, **k: pytest.fail("the header was parsed"))
+    for path, claimed in [(longer, 5000), (huge, 120_000_000)]:
+        reads.clear()
+        with pytest.raises(model.loader.CheckpointError, match=f"claims {claimed} bytes"):
+            model.loader.read_header(path)
+        assert reads and max(reads) <= 8, reads
+
+
+def test_valid_file_is_never_mistaken_for_a_pickle(tmp_path):
+    """A valid file whose header length starts with the byte 0x80 (pickle's PROTO opcode): 1 in 32
+    of real files, since safetensors pads its header to a multiple of 8 bytes."""
+    path = str(tmp_path / "model.safetensors")
+    for n in range(400):
+        save_file({"w": torch.arange(3.0)}, path, metadata={"pad": "x" * n})
+        if Path(path).read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no header length starting with 0x80 in range: widen the search")
+    assert model.loader.read_header(path)["__metadata__"]["pad"] == "x" * n
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: atomic, kill -9, resume, Ctrl-C, disk full, out of memory
+
+def train_command(root, out, *extra, steps=2):
+    return script(root, "train.py") + ["photo.png", PROMPT, "--steps", str(steps), "--lr", "1e-4", "--seed", "3",
+                                       "--out", out, *extra]
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(root, tmp_path):
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd = str(tmp_path)
+    killed_out, state = tmp_path / "killed" / "castle.safetensors", tmp_path / "killed" / "castle.resume.safetensors"
+    # The uninterrupted reference runs at the same time as the run that gets killed.
+    reference_log = open(tmp_path / "reference.txt", "w+")
+    reference = subprocess.Popen(train_command(root, "ref/castle.safetensors"), cwd=cwd, env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=reference_log, text=True)
+    victim = subprocess.Popen(train_command(root, str(killed_out), "--save-every", "1"), cwd=cwd, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 500
+        while not state.exists() and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=60) == -signal.SIGKILL, "training ended before the kill: no resume state seen"
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert state.exists() and killed_out.exists(), sorted(os.listdir(killed_out.parent))
+    _, state_metadata = load_tensors(str(state))
+    step1, metadata1 = load_tensors(str(killed_out))
+    assert state_metadata["step"] == "1" and metadata1["steps"] == "1"
+
+    # The file left by the killed run works in edit.py.
+    result = run(root, "edit.py", "--target", "... in snow", "--finetuned", str(killed_out), "--steps", "2",
+                 "--height", "64", "--width", "64", "--out", "pngs", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.isfile(os.path.join(cwd, result.stdout.strip()))
+
+    resumed = subprocess.run(train_command(root, str(killed_out), "--save-every", "1", "--resume"), cwd=cwd, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference.wait(timeout=600)
+    reference_log.close()
+    assert reference.returncode == 0, (tmp_path / "reference.txt").read_text()[-2000:]
+    assert not state.exists(), "a finished run leaves no resume state"
+
+    final, metadata = load_tensors(str(killed_out))
+    expected, expected_metadata = load_tensors(str(tmp_path / "ref" / "castle.safetensors"))
+    assert metadata["steps"] == expected_metadata["steps"] == "2"
+    assert final.keys() == expected.keys()
+    different = [k for k in final if not torch.equal(final[k], expected[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+    assert any(not torch.equal(final[k], step1[k]) for k in final), "the resumed run did not train"
+    assert any(final[k].abs().max() > 0 for k in final), "no weight moved"
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(root, tmp_path):
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd, out = str(tmp_path), tmp_path / "ft" / "castle.safetensors"
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        process = subprocess.Popen(train_command(root, "ft/castle.safetensors", steps=3), cwd=cwd, env=ENV,
+                                   stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            deadline = time.time() + 300
+            while "fine-tuning" not in log.read_text() and process.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            stdout, _ = process.communicate(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    stderr = log.read_text()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stdout.strip() == "ft/castle.safetensors"
+    (line,) = [l for l in stderr.splitlines() if "interrupted at step" in l]
+    assert "--resume" in line and "ft/castle.safetensors" in line
+    _, metadata = load_tensors(str(out))
+    _, state_metadata = load_tensors(str(tmp_path / "ft" / "castle.resume.safetensors"))
+    step = int(metadata["steps"])  # 1 unless the signal beat the first step
+    assert step < 3 and state_metadata["step"] == str(step)
+
+    # The printed command continues the run to the end.
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:2] == ["python", "train.py"]
+    result = subprocess.run(script(root, "train.py") + command[2:], cwd=cwd, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, metadata = load_tensors(str(out))
+    assert metadata["steps"] == "3"
+    assert not (tmp_path / "ft" / "castle.resume.safetensors").exists()
+
+
+@pytest.fixture
+def tiny_training(root, monkeypatch, tmp_path):
+    """What train.save needs, in-process: the tiny model, its optimizer and generator."""
+    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    base = os.path.join(root, "weights", "tiny.safetensors")
+    sd = load_sd(base)
+    optimizer = torch.optim.AdamW([p for _, p in train.trainable_parameters(sd)], lr=1e-6)
+    args = train.parse_args(["photo.png", PROMPT, "--out", str(tmp_path / "ft.safetensors"), "--base", base])
+    return args, sd, optimizer, torch.Generator().manual_seed(0)
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tmp_path, monkeypatch, capsys):
+    args, sd, optimizer, generator = tiny_training
+    Path(args.out).write_bytes(b"the previous save")
+    state = train.resume_path(args.out)
+    Path(state).write_bytes(b"the previous resume state")
+    before = snapshot(str(tmp_path))
+
+    def half_then_full(tensors, path, metadata=None):  # as safetensors fails on a full disk
+        Path(path).write_bytes(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(sine, "save_file", half_then_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.save(args, sd, optimizer, generator, 7, (W, H), resumable=True)
+    line = exit_message(exit_info)
+    assert capsys.readouterr().err == ""
+    assert "No space left on device" in line and args.out in line and "intact" in line, line
+    assert not changes(before, snapshot(str(tmp_path))), "the earlier files changed, or a temporary file was left"
+
+
+def test_disk_full_while_saving_a_png_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys):
+    folder = str(tmp_path / "pngs")
+    image = Image.fromarray(photo_array())
+    first = edit.write_png(image, folder, "seed0", {"seed": 0})
+    assert first == os.path.join(folder, "seed0.png")
+    before = snapshot(folder)
+
+    def half_then_full(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        no_space()
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        edit.write_png(image, folder, "seed0", {"seed": 0})
+    line = exit_message(exit_info)
+    assert capsys.readouterr().err == ""
+    assert "No space left on device" in line and folder in line and "intact" in line, line
+    assert not changes(before, snapshot(folder)), "the earlier PNG changed, or a partial PNG was left"
+
+
+def test_png_names_are_never_reused(tmp_path):
+    folder = str(tmp_path / "pngs")
+    image = Image.fromarray(photo_array())
+    paths = [edit.write_png(image, folder, "seed0", {"i": i}) for i in range(3)]
+    assert [os.path.basename(p) for p in paths] == ["seed0.png", "seed0-1.png", "seed0-2.png"]
+    assert sorted(os.listdir(folder)) == ["seed0-1.png", "seed0-2.png", "seed0.png"], "a temporary file was left"
+    for i, path in enumerate(paths):
+        with Image.open(path) as png:
+            assert png.text["parameters"] == f'{{"i": {i}}}'
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tiny RAM file system, when this machine lets us mount one (root in a container may not)."""
+    mounts = []
+    if not shutil.which("mount"):
+        pytest.skip("no mount command")
+
+    def mount(name, size):
+        path = tmp_path / name
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_really_full_and_read_only(root, tmp_path, tmpfs):
+    """The same through the CLIs, on a real full disk and a real read-only one."""
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd = str(tmp_path)
+    # train.py: the earlier fine-tuned file fills most of the disk; the new one does not fit.
+    earlier_size = os.path.getsize(os.path.join(root, "finetuned.safetensors"))
+    disk = tmpfs("full", f"{earlier_size * 3 // 2 // 4096 * 4096}")
+    earlier = disk / "castle.safetensors"
+    shutil.copy(os.path.join(root, "finetuned.safetensors"), earlier)
+    before = snapshot(str(disk))
+    result = subprocess.run(train_command(root, str(earlier), "--overwrite", steps=1), cwd=cwd, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "No space left on device" in last and "intact" in last, last
+    assert [l for l in result.stderr.splitlines() if l.startswith("error")] == [last]
+    assert not changes(before, snapshot(str(disk)))
+
+    # edit.py: a PNG written earlier, and no room left.
+    disk = tmpfs("pngs", "64k")
+    Image.fromarray(photo_array()).save(disk / "seed0.png")
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:  # full
+            pass
+    before = snapshot(str(disk))
+    result = run(root, "edit.py", "--target", "... in snow", "--finetuned", os.path.join(root, "finetuned.safetensors"),
+                 "--steps", "1", "--height", "64", "--width", "64", "--out", str(disk), cwd=cwd)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "No space left on device" in last and "intact" in last, last
+    assert not changes(before, snapshot(str(disk)))
+
+    # Read-only: refused before any work, in one line.
+    disk = tmpfs("readonly", "1m")
+    (disk / "keep.txt").write_text("hello")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    before = snapshot(str(disk))
+    for name, args in [("train.py", ["photo.png", PROMPT, "--out", str(disk / "ft" / "castle.safetensors")]),
+                       ("edit.py", ["--target", "a castle", "--finetuned", "none", "--out", str(disk / "pngs")])]:
+        result = run(root, name, *args, cwd=cwd)
+        line = error_line(result.stderr)
+        assert result.returncode != 0 and "cannot write" in line and "Read-only file system" in line, line
+    assert not changes(before, snapshot(str(disk)))
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 68719476736 bytes."),
+], ids=["cuda", "python", "cpu-allocator"])
+def test_out_of_memory_says_what_to_lower(error, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        with cli.out_of_memory_hint("lower --height/--width"):
+            raise error
+    line = exit_message(exit_info)
+    assert "out of memory" in line and "lower --height/--width" in line
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory():
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with cli.out_of_memory_hint("lower --height/--width"):
+            raise RuntimeError("shape mismatch")
+
+
+def oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("checkpointing, hint", [("--no-grad-checkpointing", "turn on --grad-checkpointing"),
+                                                 ("--grad-checkpointing", "GPU with more memory")])
+def test_out_of_memory_while_training(root, tmp_path, monkeypatch, capsys, checkpointing, hint):
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    monkeypatch.setattr(sine, "training_step", oom)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["photo.png", PROMPT, "--steps", "5", checkpointing])
+    line = exit_message(exit_info)
+    assert "error" not in capsys.readouterr().err
+    assert "out of memory" in line and hint in line, line
+    assert not os.path.exists(tmp_path / "finetuned"), "nothing is saved, and no folder is made"
+
+
+def test_out_of_memory_while_sampling(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(sine, "edit", oom)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        edit.main(["--target", "... in snow", "--finetuned", os.path.join(root, "finetuned.safetensors"),
+                   "--height", "128", "--width", "192", "--steps", "1"])
+    line = exit_message(exit_info)
+    assert "error" not in capsys.readouterr().err
+    assert "out of memory" in line and "192x128" in line and "--height" in line and "--width" in line, line
+    assert not os.path.exists(tmp_path / "outputs"), "no PNG, and no folder is made"
