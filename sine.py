@@ -221,7 +221,8 @@ def sine_eps(base_unet, cond, uncond, guides, scale):
     """eps_fn(z, t) for model.ddim.sample: Eq. 3 while some guide is active (t > K), else Eq. 2.
 
     A guided step costs 2 + (active guides) UNet evaluations: the fine-tuned model needs no
-    unconditional pass (the authors' code ran one and threw it away).
+    unconditional pass (the authors' code ran one and threw it away). One sample at a time:
+    z is (1, 4, h, w) and cond, uncond are (1, 77, 768).
     """
     both = torch.cat([cond, uncond])
 
@@ -278,6 +279,9 @@ def atomic_save(tensors, path, metadata):
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except SafetensorError as e:  # how safetensors reports a full disk: "I/O error: No space left on device"
         raise OSError(str(e)) from None

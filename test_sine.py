@@ -7,16 +7,16 @@ that sampling then reproduces it: training and sampling must agree on the schedu
 the UNet predicts, or the sampled latent lands somewhere else.
 """
 import copy
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 import sine
-from model import load_sd, read_header
+from model import UNetConfig, load_sd, read_header
 from model.ddim import classifier_free_guidance, ddim_timesteps, sample
 from model.loader import PREFIXES
 from model.schedule import alphas_cumprod
@@ -381,6 +381,7 @@ def test_finetuned_file_round_trip(base_path, tmp_path, lr):
     path = tmp_path / "ft.safetensors"
     sine.save_finetuned(str(path), sd, base_path, {"prompt": prompt})
     loaded = sine.apply_finetuned(load_sd(base_path), str(path))
+    fresh = load_sd(base_path)
     restored = state(loaded)
     residual = max((restored[k] - after[k]).abs().max().item() for k in after)
     assert residual <= 0.1 * moved  # the file carried the change, not nothing
@@ -391,7 +392,10 @@ def test_finetuned_file_round_trip(base_path, tmp_path, lr):
         for t in (900, 300):
             ours = eps(sd.unet, z, t, sd.text_encoder(ids), pos)
             theirs = eps(loaded.unet, z, t, loaded.text_encoder(ids), pos)
+            untrained = eps(fresh.unet, z, t, fresh.text_encoder(ids), pos)
+            print(f"\nlr {lr:g}, t={t}: file vs memory {rel_err(theirs, ours):.2g}, base vs memory {rel_err(untrained, ours):.2g}")
             assert rel_err(theirs, ours) <= 1e-5
+            assert rel_err(untrained, ours) > 1e-5  # else this comparison could not see a lost file
 
     header = read_header(str(path))
     keys = [k for k in header if k != "__metadata__"]
@@ -406,57 +410,78 @@ def test_finetuned_file_round_trip(base_path, tmp_path, lr):
 
 # ---------------------------------------------------------------------------------------------
 # Memorisation: training and sampling agree
+#
+# Fine-tuned on one image, a model must then sample that image from noise. That only happens if
+# the sampler undoes exactly the noising that training taught (same a_t table, same timesteps,
+# eps parameterisation on both sides). The model here is not TINY: sampling from pure noise needs
+# eps accurate to a fraction of a percent at t ~ 980 (x0 = (z - sqrt(1 - a) eps) / sqrt(a)
+# multiplies its error by ~15 there), and TINY's four-level, 32-channel UNet did not get there in a
+# CPU-friendly number of steps (its DDIM samples stayed several times further from the target than
+# the target is from zero). A one-level, 64-channel UNet on a 4 x 4 latent does, in seconds.
 
-def synthetic_latent():
-    """A smooth 'photo' latent (1, 4, 8, 8) of unit scale, like a real SD latent.
+MEMO = dataclasses.replace(TINY, unet=UNetConfig(model_channels=64, channel_mult=(1,), num_res_blocks=1,
+                                                 attention_levels=(0,), num_heads=2, context_dim=64))
 
-    Not the tiny VAE's encoding of an image: that random VAE gives latents of std ~0.06, and a
-    target that close to zero would let a model that just outputs zeros pass."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+
+def synthetic_latent(size=4):
+    """A smooth 'photo' latent (1, 4, size, size) of unit scale, as SD latents are.
+
+    Not the tiny VAE's encoding of a picture: that random VAE gives latents of std ~0.06, and a
+    target so close to zero would let a model that samples zeros pass."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     return torch.stack([1.5 * xx, -1.2 * yy, 2 * xx * yy - 0.3, torch.cos(3 * xx) + 0.5 * yy])[None]
 
 
 @torch.no_grad()
-def sample_latents(sd, ids, pos, seeds):
-    """DDIM samples with the conditional model alone (guidance scale 1). Without a position map:
-    no guides, the (fine-tuned) UNet as the base. With one: the same UNet as a guide with v=0 and
-    K=0, the path edit.py takes, so eps is eps_ft(z, c_hat, pos) at every step."""
+def sample_mse(sd, ids, z0, eta, seeds=(10, 11, 12)):
+    """Mean squared distance to z0 of DDIM samples (50 steps) by sine's sampler with no guides,
+    the UNet as the base, the training prompt, guidance scale 1 (the conditional model alone)."""
     cond, uncond = sd.text_encoder(ids), sd.text_encoder(sd.tokenizer([""]))
-    guides = [] if pos is None else [sine.Guide(sd.unet, cond, pos, v=0.0, K=0)]
-    eps_fn = sine.sine_eps(sd.unet, cond, uncond, guides, scale=1.0)
-    return [sample(eps_fn, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s)), 50, progress=False)
-            for s in seeds]
+    eps_fn = sine.sine_eps(sd.unet, cond, uncond, [], scale=1.0)
+    total = 0.0
+    for seed in seeds:
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+        z = sample(eps_fn, noise, 50, eta=eta, generator=torch.Generator().manual_seed(seed + 100), progress=False)
+        total += ((z - z0) ** 2).mean().item()
+    return total / len(seeds)
 
 
-@pytest.mark.parametrize("patch", [False, True], ids=["whole-image", "whole-canvas-box"])
-def test_finetuning_on_one_image_memorises_it(base_path, patch):
-    torch.manual_seed(0)
-    sd = load_sd(base_path)
+def test_finetuning_on_one_image_memorises_it(tmp_path):
+    path = tmp_path / "memo.safetensors"
+    write_checkpoint(path, MEMO, seed=0)
+    sd = load_sd(str(path))
     z0 = synthetic_latent()
+    energy = (z0 ** 2).mean().item()  # the MSE of a sampler that always returns zeros
     ids = sd.tokenizer([sine.training_prompt("a photo of a [*] castle")])
-    C = sd.config.unet.model_channels
-    pos = sine.crop_position_map(sine.position_map(C), [0, 0, sine.GRID, sine.GRID], z0.shape[-2:]) if patch else None
-    seeds = (10, 11)
-    mse = lambda samples: sum(((s - z0) ** 2).mean().item() for s in samples) / len(samples)
-    before = mse(sample_latents(sd, ids, pos, seeds))
+    before = {eta: sample_mse(sd, ids, z0, eta) for eta in (0.0, 1.0)}
 
+    # Whole-image fine-tuning (no position map, no reconstruction term), as in train.py but with
+    # a batch of timesteps per step, a high lr and a cosine decay so that it converges in seconds.
     for m in sine.trainable_parts(sd).values():
         m.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable(sd), lr=1e-3, weight_decay=0.01)
-    g, B = torch.Generator().manual_seed(0), 8
-    alphas = alphas_cumprod()
-    for _ in range(300):
+    steps, B = 300, 32
+    optimizer = torch.optim.AdamW(trainable(sd), lr=3e-3, weight_decay=0.01, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    g, alphas = torch.Generator().manual_seed(0), alphas_cumprod()
+    for _ in range(steps):
         t = torch.randint(0, 1000, (B,), generator=g)
         noise = torch.randn((B, *z0.shape[1:]), generator=g)
         context = sd.text_encoder(ids).expand(B, -1, -1)
-        loss = sine.training_loss(sd.unet, z0.expand(B, -1, -1, -1), context, t, noise, alphas, pos,
-                                  recon_weight=1.0 if patch else 0.0)
+        loss = sine.training_loss(sd.unet, z0.expand(B, -1, -1, -1), context, t, noise, alphas, recon_weight=0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
     for m in sine.trainable_parts(sd).values():
         m.eval().requires_grad_(False)
 
-    after = mse(sample_latents(sd, ids, pos, seeds))
-    print(f"memorisation ({'patch' if patch else 'whole'}): MSE to the target before {before:.4f}, after {after:.4f}")
-    assert after < 0.25 * before
+    after = {eta: sample_mse(sd, ids, z0, eta) for eta in (0.0, 1.0)}
+    print(f"\nmemorisation: target energy {energy:.4f}; sample MSE to the target, before -> after: "
+          + ", ".join(f"eta={eta}: {before[eta]:.4g} -> {after[eta]:.4g}" for eta in before))
+    for eta in before:
+        assert after[eta] < 0.25 * before[eta]
+    # Really the image, not just calibrated noise: stochastic sampling (eta=1) corrects the
+    # remaining small errors of a briefly trained model and must land on the image; deterministic
+    # DDIM (eta=0), which cannot, must still be much closer to it than a blank latent is.
+    assert after[1.0] < 0.1 * energy
+    assert after[0.0] < 0.5 * energy
