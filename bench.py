@@ -130,6 +130,25 @@ def timed(fn, job, device):
     return out, times, peaks(device)
 
 
+ADAMW_TIMES = []  # a worker runs one job: its optimizer steps' durations
+
+
+def time_optimizer(optimizer, device, log):
+    """Record how long each optimizer.step() takes: the fp32 AdamW update bounds a training step."""
+    step = optimizer.step
+
+    def timed_step(*args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = step(*args, **kwargs)
+        sync(device)
+        log.append(time.perf_counter() - start)
+        return out
+
+    optimizer.step = timed_step
+    return optimizer
+
+
 def save_output(job, name, tensor):
     from safetensors.torch import save_file
     path = os.path.join(job.files["dir"], f"out-{job.name.replace('/', '_')}-{name}.safetensors")
@@ -163,7 +182,7 @@ def ours_unet(job, device):
     import model.attention
     import sine
     sd = ours_load(job, device)
-    unet = sine.speed_up(sd.unet, job.channels_last, job.compile)
+    unet = sine.speed_up(sd.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
     del sd
     model.attention.USE_SDPA = job.sdpa
     x, t, context = unet_inputs(job, device)
@@ -176,7 +195,7 @@ def ours_edit(job, device):
     import sine
     sd, ft = ours_load(job, device), ours_load(job, device, finetuned=True)
     for loaded in (sd, ft):
-        sine.speed_up(loaded.unet, job.channels_last, job.compile)
+        sine.speed_up(loaded.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
     model.attention.USE_SDPA = job.sdpa
     region = sine.bf16_autocast(device, job.bf16)
     latent = (job.size // 8, job.size // 8)
@@ -203,6 +222,7 @@ def ours_train(job, device):
     params = [p for module in sine.trainable_parts(sd).values() for p in module.train().requires_grad_(True).parameters()]
     sd.unet.gradient_checkpointing = job.grad_checkpointing
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
+    time_optimizer(optimizer, device, ADAMW_TIMES)
     sine.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
     region = sine.bf16_autocast(device, job.bf16)
@@ -217,8 +237,9 @@ def ours_loading(job, device):
 # =============================================================================================
 # The diffusers side: the same work with diffusers' (and transformers') modules
 
-def diffusers_models(job, device, finetuned=False, parts=("unet", "vae", "text")):
-    """Our checkpoint file through diffusers' own single-file loader, configured for SD v1."""
+def diffusers_models(job, device, finetuned=False, parts=("unet", "vae", "text"), bf16_unet=False):
+    """Our checkpoint file through diffusers' own single-file loader, configured for SD v1.
+    bf16_unet: the UNet's weights in bf16, as diffusers users sample with torch_dtype=torch.bfloat16."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -239,6 +260,8 @@ def diffusers_models(job, device, finetuned=False, parts=("unet", "vae", "text")
     gc.collect()
     for m in models.values():
         m.eval().requires_grad_(False)
+    if bf16_unet and "unet" in models:
+        models["unet"].to(torch.bfloat16)
     if job.channels_last and "unet" in models:
         models["unet"].to(memory_format=torch.channels_last)
     if job.compile and "unet" in models:
@@ -272,12 +295,13 @@ def diffusers_text_encoder(job, state):
 def add_position_map(unet):
     """SINE's map is added to the output of the first conv: a forward hook on diffusers' conv_in."""
     holder = {"pos": None}
-    unet.conv_in.register_forward_hook(lambda m, i, out: out if holder["pos"] is None else out + holder["pos"])
+    unet.conv_in.register_forward_hook(
+        lambda m, i, out: out if holder["pos"] is None else out + holder["pos"].to(out.dtype))
     return holder
 
 
 def diffusers_unet(job, device):
-    unet = diffusers_models(job, device, parts=("unet",))["unet"]
+    unet = diffusers_models(job, device, parts=("unet",), bf16_unet=job.bf16)["unet"]
     x, t, context = unet_inputs(job, device)
     return lambda: unet(x, t, encoder_hidden_states=context).sample
 
@@ -292,8 +316,8 @@ def diffusers_edit(job, device):
     """A diffusers-based sampling loop with SINE's guidance (Eq. 3 while t > K, else Eq. 2)."""
     import sine
     from model import Tokenizer
-    base = diffusers_models(job, device)
-    ft = diffusers_models(job, device, finetuned=True, parts=("unet", "text"))
+    base = diffusers_models(job, device, bf16_unet=job.bf16)
+    ft = diffusers_models(job, device, finetuned=True, parts=("unet", "text"), bf16_unet=job.bf16)
     holder = add_position_map(ft["unet"])
     tokenizer = Tokenizer()  # the same ids on both sides; tokenizing is not what we time
     scheduler = diffusers_scheduler()
@@ -338,6 +362,7 @@ def diffusers_train(job, device):
         unet.enable_gradient_checkpointing()
     params = list(unet.parameters()) + list(text.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
+    time_optimizer(optimizer, device, ADAMW_TIMES)
     holder = add_position_map(unet)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear")
@@ -454,6 +479,7 @@ def worker(job):
     result.update(memory)
     if job.bench == "train":
         result["losses"] = outputs
+        result["adamw_s"] = ADAMW_TIMES[job.warmup:]
     else:
         result["output"] = save_output(job, "out", out)
     return result
@@ -477,6 +503,8 @@ def big_worker(job, device, result):
     (a batch-2 base pass and a fine-tuned pass), then the VAE decode, tiled as edit.py does."""
     import sine
     sd, ft = ours_load(job, device), ours_load(job, device, finetuned=True)
+    for loaded in (sd, ft):
+        sine.speed_up(loaded.unet, bf16_weights=job.bf16)
     latent = (job.size // 8, job.size // 8)
     region = sine.bf16_autocast(device, job.bf16)
     with torch.no_grad():
@@ -544,40 +572,42 @@ def prepare_files(files, tiny=False):
 # The plan, and the report
 
 def plan(args):
-    cuda = args.device.startswith("cuda")
-    quick = args.quick
-    edit = dict(size=256, steps=10) if quick else dict(size=512, steps=50)
+    """The measurements, in order. --quick trims sizes and repeats so that a 2-core CPU finishes in
+    under 15 minutes: a 256x256 10-step edit, two timed runs of the slow jobs, no variants that
+    bench.py has already shown not to help on a CPU (channels_last)."""
+    cuda, quick = args.device.startswith("cuda"), args.quick
     jobs = []
 
-    def add(bench, sides=("ours", "diffusers"), **kw):
+    def add(bench, sides=("ours", "diffusers"), repeats=3, **kw):
         for side in sides:
-            jobs.append(Job(bench, side, args.device, tiny=args.tiny, **kw))
+            jobs.append(Job(bench, side, args.device, repeats=args.repeats or repeats, tiny=args.tiny, **kw))
 
-    r = args.repeats
-    # (a) the UNet: fp32 and bf16 against diffusers, then our switches one by one
-    add("unet", repeats=r or 3)
-    add("unet", repeats=r or 3, bf16=True)
-    add("unet", ("ours",), repeats=r or 3, bf16=True, channels_last=True)
-    if not quick:
-        add("unet", ("ours",), repeats=r or 3, channels_last=True)
-        add("unet", ("ours",), repeats=r or 3, sdpa=False)
-    if args.compile:
-        add("unet", repeats=r or 3, bf16=cuda, compile=True)
-    # (b) a whole edit: fp32 against diffusers, and bf16 (speed and drift against fp32)
-    add("edit", repeats=r or (2 if quick and not cuda else 3), **edit)
-    add("edit", ("ours",) if quick and not cuda else ("ours", "diffusers"),
-        repeats=r or (2 if quick and not cuda else 3), bf16=True, **edit)
-    # (c) a training step: the defaults of train.py on that device (CUDA: bf16 + checkpointing)
-    add("train", repeats=r or (2 if quick else 3), warmup=1, bf16=cuda, grad_checkpointing=cuda)
+    # (a) one UNet forward: fp32 and bf16 against diffusers, then our other switches one by one
+    add("unet")
+    add("unet", repeats=2 if quick else 3, bf16=True)
     if cuda or not quick:
-        add("train", repeats=r or 3, bf16=not cuda, grad_checkpointing=cuda)
-    # (d) loading, from a warm OS file cache; each run its own process
-    for _ in range(r or (1 if quick else 3)):
+        add("unet", ("ours",), bf16=True, channels_last=True)
+        add("unet", ("ours",), channels_last=True)
+        add("unet", ("ours",), sdpa=False)
+    if args.compile:
+        add("unet", bf16=cuda, compile=True)
+    # (b) a whole edit, fp32 against diffusers; bf16 (speed-up and drift against fp32). Its
+    # weights are already in memory when timing starts, so the first run needs no warm-up.
+    edit = dict(size=256, steps=10, repeats=2, warmup=0) if quick else dict(size=512, steps=50, warmup=0)
+    add("edit", **edit)
+    add("edit", ("ours",) if quick else ("ours", "diffusers"), bf16=True, **edit)
+    # (c) one training step, as train.py runs it on that device (CUDA: bf16 + checkpointing); the
+    # warm-up step allocates AdamW's state
+    add("train", repeats=2 if quick else 3, bf16=cuda, grad_checkpointing=cuda)
+    if cuda or not quick:
+        add("train", bf16=not cuda, grad_checkpointing=cuda)
+    # (d) loading, from the OS file cache; each run in its own process
+    for _ in range(1 if quick else 3):
         add("load", repeats=1, warmup=0)
-    # tiled VAE: drift and memory against untiled, at 768x768 (3 x 3 ... 2 x 2 tiles of 512)
-    vae_size = 768 if quick and not cuda else 1024
-    add("vae", ("ours",), repeats=r or (1 if quick else 3), warmup=0 if quick else 1, size=vae_size)
-    add("vae", ("ours",), repeats=r or (1 if quick else 3), warmup=0 if quick else 1, size=vae_size, tiled=True)
+    # the tiled VAE decode against the untiled one: 640 x 640 is 2 x 2 tiles of 512
+    vae = dict(size=640, repeats=1, warmup=0) if quick else dict(size=1024)
+    add("vae", ("ours",), **vae)
+    add("vae", ("ours",), tiled=True, **vae)
     if args.big:
         add("big", ("ours",), repeats=1, warmup=0, size=2048, bf16=cuda)
     if args.only:
@@ -624,7 +654,8 @@ def run_job(job, log):
     if not times:
         print(f"  {job.name}: done in {result['wall_s']:.0f} s", flush=True)
         return result
-    print(f"  {job.name:40s} median {statistics.median(times):8.2f} s  peak RSS {result['peak_rss_gb']:5.2f} GB"
+    print(f"  {job.name:34s} median {statistics.median(times):7.2f} s [{' '.join(f'{t:.2f}' for t in times)}]"
+          f"  peak RSS {result['peak_rss_gb']:5.2f} GB"
           + (f"  peak CUDA {result['peak_cuda_gb']:5.2f} GB" if "peak_cuda_gb" in result else "")
           + f"   ({len(times)} runs, process {result['wall_s']:.0f} s)", flush=True)
     return result
@@ -687,14 +718,18 @@ def report(results, args):
         say(f"- same work: ours fp32 against diffusers fp32, pixels: max |diff| {max_d:.2e}, mean {mean_d:.2e}")
 
     say("\n(c) Fine-tuning step, batch 1, 512x512 crop, UNet + text encoder trainable, AdamW (fp32 weights)\n")
-    say(f"| variant | ours s | diffusers s | ours/diffusers | ours {unit} | diffusers {unit} | losses ours / diffusers |")
-    say("|---|---|---|---|---|---|---|")
+    say(f"| variant | ours s | diffusers s | ours/diffusers | AdamW update s, ours / diffusers | ours {unit} | "
+        f"diffusers {unit} | losses ours / diffusers |")
+    say("|---|---|---|---|---|---|---|---|")
     for v in ("fp32", "bf16", "grad-ckpt", "bf16+grad-ckpt"):
         o, d = f"train/ours/{v}", f"train/diffusers/{v}"
         if o in results or d in results:
             losses = lambda n: " ".join(f"{x:.4f}" for x in results[n]["losses"]) if results.get(n) else "-"
-            say(f"| {v} | {fmt(med(o))} | {fmt(med(d))} | {fmt(ratio(med(o), med(d)))} | {fmt(mem(o))} | "
-                f"{fmt(mem(d))} | {losses(o)} / {losses(d)} |")
+            adamw = lambda n: fmt(statistics.median(results[n]["adamw_s"])) if results.get(n) else "-"
+            say(f"| {v} | {fmt(med(o))} | {fmt(med(d))} | {fmt(ratio(med(o), med(d)))} | {adamw(o)} / {adamw(d)} | "
+                f"{fmt(mem(o))} | {fmt(mem(d))} | {losses(o)} / {losses(d)} |")
+    say("- the AdamW update reads and writes 28 bytes per trainable parameter (983 M): 27.5 GB of memory "
+        "traffic per step, its floor on any device")
 
     say("\n(d) Loading the fp16 checkpoint into fp32 modules (file in the OS cache)\n")
     say("| side | median s | peak RSS GB | peak / fp32 model size (4.26 GB) |")
@@ -740,7 +775,8 @@ def report(results, args):
         t = med("edit/ours/bf16")
         checks.append(("512x512 edit bf16, s (floor >= 0.11 s on an H100)", t, None))
     for text, value, ok in checks:
-        say(f"- {text}: {fmt(value)}" + ("" if ok is None else "  OK" if ok else "  MISSED"))
+        verdict = "not measured" if value is None else "" if ok is None else "OK" if ok else "MISSED"
+        say(f"- {text}: {fmt(value)}  {verdict}".rstrip())
     return "\n".join(lines)
 
 

@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="outputs", help="folder for the PNGs")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="UNet passes in bfloat16 autocast, weights stay fp32 (default: on with CUDA, off on CPU)")
+                   help="UNet passes in bfloat16 autocast, the UNets' frozen weights stored in bf16; the text "
+                        "encoder and VAE stay fp32 (default: on with CUDA, off on CPU)")
     p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the UNets' convolutions")
@@ -208,7 +209,7 @@ def main(argv=None):
     cli.say(f"base: {sd.description}")
     autocast = sine.bf16_autocast(device, args.bf16)
     for loaded in [sd] + finetuned:
-        sine.speed_up(loaded.unet, args.channels_last, args.compile)
+        sine.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
 
     target = sine.target_prompt(args.target, first["prompt"])
     encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(device))

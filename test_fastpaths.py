@@ -9,6 +9,7 @@ Every fast path can be switched off; here each is run both ways on the tiny rand
   gradient checkpointing           unet.gradient_checkpointing          exact: the same ops, recomputed
   bf16 autocast                    sine.bf16_autocast(device, True)     3e-2 relative (bf16 keeps 8
                                                                         significant bits: ~4e-3 per op)
+  bf16 weights for sampling        sine.speed_up(bf16_weights=True)     exact, under bf16 autocast
   VAE in fp32 inside autocast      always on                            exact, and never NaN in fp16
   tiled VAE decode / encode        vae.decode(z, tiled=True)            exact blending; the VAE itself
                                                                         drifts, see TILE_TOL below
@@ -18,6 +19,7 @@ causal mask, gradients, and the VAE encoder. torch.compile is checked only for k
 checkpoint's parameter names: compiling even the tiny UNet takes minutes on a small CPU.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -203,6 +205,19 @@ def test_bf16_autocast_close_to_fp32(sd):
         assert 1e-4 < rel_err(a, b) <= BF16_TOL  # ...and stayed close
 
 
+def test_bf16_weights_for_sampling_change_nothing_under_autocast(sd):
+    """speed_up(bf16_weights=True) rounds the Linear and Conv weights once, as autocast would on
+    every call: the output must be bitwise the same; norm layers keep fp32 parameters."""
+    inputs = unet_inputs(sd.config.unet)
+    fast = model.unet.UNet(sd.config.unet).eval().requires_grad_(False)
+    fast.load_state_dict(sd.unet.state_dict())
+    sine.speed_up(fast, bf16_weights=True)
+    assert fast.input_blocks[0][0].weight.dtype == fast.time_embed[0].weight.dtype == torch.bfloat16
+    assert fast.out[0].weight.dtype == torch.float32  # a GroupNorm
+    with torch.no_grad(), sine.bf16_autocast(torch.device("cpu"), True):
+        assert torch.equal(fast(*inputs), sd.unet(*inputs))
+
+
 def test_bf16_edit_close_to_fp32(sd):
     """A whole (tiny) SINE edit: the sampler state, the guidance arithmetic and the VAE stay fp32."""
     cfg = sd.config.unet
@@ -261,6 +276,19 @@ def test_vae_runs_in_fp32_inside_half_autocast(sd):
             assert torch.equal(mean, vae.encode(images.to(dtype).float())[0])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_load_sd_does_not_keep_the_file_mapped(tmp_path):
+    """Weights read into memory of their own, not views of a memory map of the file: a mapped file
+    counts as the process's memory for as long as any of its tensors lives (even after a cast to bf16
+    replaced most of them), and a file changed on disk would change a running model."""
+    path = tmp_path / "tiny.safetensors"
+    write_checkpoint(path, TINY, seed=0)
+    loaded = load_sd(path)
+    with open("/proc/self/maps") as maps:
+        assert str(path) not in maps.read()
+    assert loaded.unet is not None
+
+
 def test_load_sd_keeps_the_vae_fp32(tmp_path):
     path = tmp_path / "tiny16.safetensors"
     write_checkpoint(path, TINY, dtype=torch.float16)
@@ -285,6 +313,19 @@ def test_tile_starts_cover_with_overlap(size, tile, overlap):
     assert starts[0] == 0 and starts[-1] + min(tile, size) == size
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # at least `overlap` shared
     assert len(starts) == max(1, math.ceil((size - overlap) / (tile - overlap)))  # no more tiles than needed
+
+
+@pytest.mark.parametrize("size, tile, overlap, scale", [(100, 24, 6, 8), (40, 32, 8, 8), (800, 192, 64, 1 / 8)])
+def test_blend_weights_ramp_linearly_and_sum_to_one(size, tile, overlap, scale):
+    """Across each overlap one tile fades out linearly while the next fades in: the weights of all
+    tiles sum to 1 at every output pixel, so blending alone never brightens or darkens a seam."""
+    starts = model.vae.tile_starts(size, tile, overlap, multiple=round(1 / scale) if scale < 1 else 1)
+    total = torch.zeros(round(size * scale))
+    for start, w in zip(starts, model.vae.blend_weights(starts, tile, scale, "cpu")):
+        total[round(start * scale):round(start * scale) + len(w)] += w
+        peak = int(w.argmax())
+        assert 0 < w.min() and w.max() == 1 and (w[:peak].diff() >= 0).all() and (w[peak:].diff() <= 0).all()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 40, 48), (2, 4, 33, 70), (1, 4, 20, 24)])

@@ -14,6 +14,7 @@ message is one line saying what to do.
 """
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import asdict, dataclass, field
@@ -202,9 +203,38 @@ def _load_part(module, names, path, device, dtype):
             if shape != want:
                 raise CheckpointError(f"{path} does not match the SD v1 layout: {file_key} has shape {shape}, "
                                       f"SD v1 has {want}")
-        state = {name: f.get_tensor(file_key).to(device=device, dtype=dtype) for name, file_key in names.items()}
+    state = _read_tensors(path, names, device, dtype)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
+
+
+def _read_tensors(path, names, device, dtype):
+    """{name: tensor} for names = {name: file key}, each read with one read() into memory of its own
+    and then converted, so loading peaks at the loaded model plus one tensor. (safetensors' get_tensor
+    maps the file instead: the whole file then counts as the process's memory for as long as any of
+    its tensors lives, even after a cast to bf16 has replaced most of them.)"""
+    header = read_header(path)
+    state = {}
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        for name, key in names.items():
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            file_dtype = FILE_DTYPES.get(entry["dtype"])
+            if file_dtype is None or end - begin != math.prod(entry["shape"]) * file_dtype.itemsize:
+                raise CheckpointError(f"{path} is not a valid safetensors file ({key}: {end - begin} bytes of "
+                                      f"{entry['dtype']} for shape {entry['shape']})")
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + header_len + begin)
+            if f.readinto(raw.numpy()) != end - begin:  # the file shrank since read_header checked it
+                raise CheckpointError(f"{path} is truncated: {key} is incomplete. Download it again.")
+            state[name] = raw.view(file_dtype).reshape(entry["shape"]).to(device=device, dtype=dtype)
+    return state
 
 
 def check_sd_v1(path):
