@@ -9,7 +9,6 @@ Its pictures are noise: the point is that every code path runs and every shape i
 """
 import argparse
 import math
-import sys
 
 import torch
 from safetensors.torch import save_file
@@ -66,7 +65,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     write_checkpoint(args.out, SDConfig() if args.full else TINY, args.seed,
                      torch.float16 if args.fp16 else torch.float32, record_config=not args.full)
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(args.out)  # like train.py and edit.py: stdout holds only the paths written
 
 
 if __name__ == "__main__":
