@@ -170,8 +170,10 @@ def sd_config(tiny):
 # Our side: the code that edit.py and train.py run
 
 def ours_load(job, device, finetuned=False):
+    import cli
     import sine
     from model import load_sd
+    cli.use_huge_pages()  # as train.py and edit.py do before loading
     sd = load_sd(job.files["fp32"], device=device)
     if finetuned:
         sine.apply_finetuned(sd, job.files["finetuned"])
@@ -230,7 +232,9 @@ def ours_train(job, device):
 
 
 def ours_loading(job, device):
+    import cli
     from model import load_sd
+    cli.use_huge_pages()
     return load_sd(job.files["fp16"], device=device, dtype=torch.float32)
 
 

@@ -183,6 +183,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
+        cli.use_huge_pages()
         files = find_finetuned(args.finetuned)
         Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
         vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)

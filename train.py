@@ -137,6 +137,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
+        cli.use_huge_pages()
         image = sine.load_image(args.image)
         device = cli.pick_device(args.device)
         args.base = cli.find_base(args.base)
