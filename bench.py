@@ -121,13 +121,22 @@ def timed(fn, job, device):
         out = fn()
     sync(device)
     reset_peaks(device)
-    times = []
+    times, usage_before = [], cpu_usage()
     for _ in range(job.repeats):
         start = time.perf_counter()
         out = fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return out, times, peaks(device)
+    usage = {k: (v - usage_before[k]) / job.repeats for k, v in cpu_usage().items()}
+    return out, times, {**peaks(device), **usage}
+
+
+def cpu_usage():
+    """Minor page faults and system CPU seconds so far: a new buffer's pages each fault once when
+    first touched, and the kernel's time zeroing them shows as system time."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"minor_faults": usage.ru_minflt, "sys_s": usage.ru_stime}
 
 
 ADAMW_TIMES = []  # a worker runs one job: its optimizer steps' durations
@@ -661,6 +670,8 @@ def run_job(job, log):
     print(f"  {job.name:34s} median {statistics.median(times):7.2f} s [{' '.join(f'{t:.2f}' for t in times)}]"
           f"  peak RSS {result['peak_rss_gb']:5.2f} GB"
           + (f"  peak CUDA {result['peak_cuda_gb']:5.2f} GB" if "peak_cuda_gb" in result else "")
+          + (f"  per run: {result['minor_faults'] / 1e6:.2f} M page faults, {result['sys_s']:.1f} s system CPU"
+             if "minor_faults" in result else "")
           + f"   ({len(times)} runs, process {result['wall_s']:.0f} s)", flush=True)
     return result
 
@@ -717,6 +728,10 @@ def report(results, args):
         say(f"- bf16 autocast speed-up over fp32 (ours): {med('edit/ours/fp32') / med('edit/ours/bf16'):.2f}x")
         max_d, mean_d, _ = compare(results["edit/ours/bf16"]["output"], results["edit/ours/fp32"]["output"])
         say(f"- bf16 drift from fp32, same seed, pixels in [-1, 1]: max |diff| {max_d:.3f}, mean |diff| {mean_d:.4f}")
+    for n in (f"edit/{side}/{v}" for v in ("fp32", "bf16") for side in ("ours", "diffusers")):
+        if results.get(n):
+            say(f"- {n}: {results[n]['minor_faults'] / 1e6:.2f} M page faults and {results[n]['sys_s']:.1f} s "
+                "of system CPU per edit")
     if results.get("edit/ours/fp32") and results.get("edit/diffusers/fp32"):
         max_d, mean_d, _ = compare(results["edit/ours/fp32"]["output"], results["edit/diffusers/fp32"]["output"])
         say(f"- same work: ours fp32 against diffusers fp32, pixels: max |diff| {max_d:.2e}, mean {mean_d:.2e}")
