@@ -20,7 +20,6 @@ import struct
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors import safe_open
 
 from .clip import CLIPConfig, TextEncoder
 from .tokenizer import Tokenizer
@@ -190,20 +189,19 @@ def _first(names, n=3):
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _load_part(module, names, path, device, dtype):
+def _load_part(module, names, header, path, device, dtype):
     """Fill a module built on the meta device with tensors read one at a time from the file."""
     expected = module.state_dict()
     missing, unexpected = set(expected) - set(names), set(names) - set(expected)
     if missing or unexpected:
         problem = f"missing keys {_first(missing)}" if missing else f"unexpected keys {_first(unexpected)}"
         raise CheckpointError(f"{path} does not match the SD v1 layout: {problem}")
-    with safe_open(path, framework="pt") as f:
-        for name, file_key in names.items():
-            shape, want = list(f.get_slice(file_key).get_shape()), list(expected[name].shape)
-            if shape != want:
-                raise CheckpointError(f"{path} does not match the SD v1 layout: {file_key} has shape {shape}, "
-                                      f"SD v1 has {want}")
-    state = _read_tensors(path, names, device, dtype)
+    for name, file_key in names.items():
+        shape, want = header[file_key]["shape"], list(expected[name].shape)
+        if shape != want:
+            raise CheckpointError(f"{path} does not match the SD v1 layout: {file_key} has shape {shape}, "
+                                  f"SD v1 has {want}")
+    state = _read_tensors(path, header, names, device, dtype)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -213,12 +211,11 @@ FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                "BOOL": torch.bool}
 
 
-def _read_tensors(path, names, device, dtype):
+def _read_tensors(path, header, names, device, dtype):
     """{name: tensor} for names = {name: file key}, each read with one read() into memory of its own
     and then converted, so loading peaks at the loaded model plus one tensor. (safetensors' get_tensor
     maps the file instead: the whole file then counts as the process's memory for as long as any of
     its tensors lives, even after a cast to bf16 has replaced most of them.)"""
-    header = read_header(path)
     state = {}
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
@@ -279,9 +276,9 @@ def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
         missing = [k for k in names["unet"].values() if k not in header]
         if missing:
             raise CheckpointError(f"{path} has incomplete EMA weights: missing {_first(missing)}")
-    _load_part(unet, names["unet"], path, device, dtype)
-    _load_part(vae, names["vae"], path, device, torch.float32)  # always fp32: see model/vae.py, Precision
-    _load_part(text_encoder, names["text_encoder"], path, device, dtype)
+    _load_part(unet, names["unet"], header, path, device, dtype)
+    _load_part(vae, names["vae"], header, path, device, torch.float32)  # always fp32: see model/vae.py, Precision
+    _load_part(text_encoder, names["text_encoder"], header, path, device, dtype)
 
     stored = {v["dtype"] for k, v in header.items() if k.startswith("model.diffusion_model.")}
     description = (f"{os.path.basename(path)}: {'tiny test model' if CONFIG_KEY in metadata else 'SD v1'}, "
