@@ -1,4 +1,5 @@
-"""What train.py and edit.py share: finding files, choosing a device, and failing politely.
+"""What train.py and edit.py share: finding files, choosing a device, memory pages, and failing
+politely.
 
 A user's mistake ends the program with one line on stderr that says what to do, never a traceback.
 """

@@ -7,7 +7,8 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
   3. Patch-based fine-tuning (Sec. 3.3): random crops, the loss, one training step.
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
   5. The fine-tuned file: the difference from the base weights, plus what edit.py needs.
-  6. Speed switches shared by train.py and edit.py (bf16 autocast, channels_last, torch.compile).
+  6. Speed switches shared by train.py and edit.py (bf16 autocast, bf16 weights for sampling,
+     channels_last, torch.compile).
 
 Numbers that the paper leaves open come from the authors' code (see SPEC.md in the team docs).
 """
