@@ -9,6 +9,7 @@ Four benchmarks, each timed for our code and for the same work written with diff
   unet   one UNet forward, batch 2, 64x64 latents: the batch of every DDIM step of an edit
   edit   a whole SINE edit (prompts, DDIM with model-based guidance, K=400, v=0.7, VAE decode)
   train  one fine-tuning step: batch 1, a 512x512 crop, UNet and text encoder trainable, AdamW
+         (and `trainpy`: train.py itself for two steps, for the whole process's peak memory)
   load   an fp16 checkpoint loaded into fp32 modules
 
 plus `vae`: the tiled VAE decode against the untiled one (time, peak memory, drift), and with
@@ -50,7 +51,7 @@ K, V, SCALE = 400, 0.7, 7.5
 
 @dataclass
 class Job:
-    bench: str                  # unet, edit, train, load, vae, big
+    bench: str                  # unet, edit, train, trainpy, load, vae, big
     side: str                   # ours or diffusers
     device: str
     repeats: int = 3
@@ -60,6 +61,7 @@ class Job:
     compile: bool = False
     sdpa: bool = True
     grad_checkpointing: bool = False
+    adamw_after_backward: bool = False  # the old training step: every gradient kept until optimizer.step()
     tiled: bool = False
     tiny: bool = False          # the tiny test model instead of SD v1 size: checks bench.py itself
     size: int = 512             # image side in pixels (edit, vae, big)
@@ -70,7 +72,8 @@ class Job:
     def name(self):
         switches = [s for s, on in (("bf16", self.bf16), ("channels_last", self.channels_last),
                                     ("compile", self.compile), ("no-sdpa", not self.sdpa),
-                                    ("grad-ckpt", self.grad_checkpointing), ("tiled", self.tiled)) if on]
+                                    ("grad-ckpt", self.grad_checkpointing), ("tiled", self.tiled),
+                                    ("adamw-after-backward", self.adamw_after_backward)) if on]
         return f"{self.bench}/{self.side}/" + ("+".join(switches) or "fp32")
 
 
@@ -226,18 +229,29 @@ def ours_edit(job, device):
 
 
 def ours_train(job, device):
-    """What train.py's main does per step (patch mode)."""
+    """What train.py's main does per step (patch mode). With job.adamw_after_backward, the step as it
+    was before AdamW moved into backward: one AdamW over all parameters once every gradient is in."""
     import sine
-    from model.schedule import alphas_cumprod
     sd = ours_load(job, device)
     params = [p for module in sine.trainable_parts(sd).values() for p in module.train().requires_grad_(True).parameters()]
     sd.unet.gradient_checkpointing = job.grad_checkpointing
-    optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
-    time_optimizer(optimizer, device, ADAMW_TIMES)
+    if job.adamw_after_backward:
+        optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
+        time_optimizer(optimizer, device, ADAMW_TIMES)
+    else:
+        sine.adamw_in_backward(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
     sine.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
     region = sine.bf16_autocast(device, job.bf16)
-    return lambda: sine.training_step(sd, optimizer, canvas, ids, True, generator, alphas, full_map, region)
+
+    def step():
+        loss = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
+        if job.adamw_after_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def ours_loading(job, device):
@@ -385,7 +399,7 @@ def diffusers_train(job, device):
     def step():
         crop_box = sine.sample_crop_box(generator)
         with torch.no_grad():
-            dist = vae.encode(sine.crop_pixels(canvas, crop_box)).latent_dist
+            dist = vae.encode(sine.crop_pixels(canvas, crop_box).to(device)).latent_dist
             z0 = 0.18215 * (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device))
         holder["pos"] = sine.crop_position_map(full_map, crop_box, z0.shape[-2:]).to(z0)
         t = torch.randint(0, 1000, (1,), generator=generator).to(device)
@@ -397,7 +411,7 @@ def diffusers_train(job, device):
             loss = F.mse_loss(eps, noise)
             a = alphas[t].view(-1, 1, 1, 1)
             x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
-            recon = (x0.mean(dim=(2, 3)) - z0.mean(dim=(2, 3))).abs().mean(dim=1)
+            recon = (x0 - z0).abs().mean(dim=(1, 2, 3))
             loss = loss + ((t.float() / 1000) ** 2 * recon).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -432,9 +446,13 @@ def unet_inputs(job, device):
 
 
 def train_inputs(job, tokenizer, device):
+    import numpy as np
+    from PIL import Image
+
     import sine
     from model.schedule import alphas_cumprod
-    canvas = (torch.rand(1, 3, sine.CANVAS, sine.CANVAS, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
+    pixels = np.random.default_rng(1).integers(0, 256, (sine.CANVAS, sine.CANVAS, 3), dtype=np.uint8)
+    canvas = sine.make_canvas(Image.fromarray(pixels))
     ids = tokenizer([sine.training_prompt(PROMPT)]).to(device)
     full_map = sine.position_map(sd_config(job.tiny).unet.model_channels).to(device)
     return canvas, ids, full_map, alphas_cumprod().to(device), torch.Generator().manual_seed(0)
@@ -467,6 +485,8 @@ def worker(job):
         return result
     if job.bench == "vae":
         return vae_worker(job, device, result)
+    if job.bench == "trainpy":
+        return trainpy_worker(job, result)
     if job.bench == "big":
         return big_worker(job, device, result)
 
@@ -508,6 +528,27 @@ def vae_worker(job, device, result):
         out, result["times"], memory = timed(lambda: vae.decode(latents, tiled=job.tiled), job, device)
     result.update(memory)
     result["output"] = save_output(job, "out", out)
+    return result
+
+
+def trainpy_worker(job, result):
+    """train.py itself, two steps on the fp32 file: its process's peak RSS, loading and saving included."""
+    import numpy as np
+    from PIL import Image
+    photo, out = os.path.join(job.files["dir"], "photo.png"), os.path.join(job.files["dir"], "trainpy.safetensors")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(photo)
+    command = [sys.executable, os.path.join(HERE, "train.py"), photo, PROMPT, "--base", job.files["fp32"],
+               "--steps", "2", "--out", out, "--overwrite", "--device", job.device,
+               "--grad-checkpointing" if job.grad_checkpointing else "--no-grad-checkpointing",
+               "--bf16" if job.bf16 else "--no-bf16"]
+    start = time.perf_counter()
+    with open(os.path.join(job.files["dir"], "trainpy.log"), "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+    if status:
+        raise RuntimeError(f"train.py failed with status {status}: see {log.name}")
+    result["times"] = [time.perf_counter() - start]
+    result["peak_rss_gb"] = usage.ru_maxrss * 1024 / 1e9  # Linux: kB
     return result
 
 
@@ -609,11 +650,17 @@ def plan(args):
     edit = dict(size=256, steps=10, repeats=2, warmup=0) if quick else dict(size=512, steps=50, warmup=0)
     add("edit", **edit)
     add("edit", ("ours",) if quick else ("ours", "diffusers"), bf16=True, **edit)
-    # (c) one training step, as train.py runs it on that device (CUDA: bf16 + checkpointing); the
-    # warm-up step allocates AdamW's state
-    add("train", repeats=2 if quick else 3, bf16=cuda, grad_checkpointing=cuda)
+    # (c) one training step, as train.py runs it on that device (checkpointing on; CUDA: bf16),
+    # then as it ran before AdamW moved into backward (CPU: without checkpointing), then train.py
+    # itself for two steps: the whole process's peak, loading and saving included. The warm-up
+    # step allocates AdamW's state.
+    add("train", repeats=2 if quick else 3, bf16=cuda, grad_checkpointing=True)
+    add("train", ("ours",), repeats=2 if quick else 3, bf16=cuda, grad_checkpointing=cuda, adamw_after_backward=True)
     if cuda or not quick:
-        add("train", bf16=not cuda, grad_checkpointing=cuda)
+        add("train", bf16=not cuda, grad_checkpointing=True)
+    add("trainpy", ("ours",), repeats=1, warmup=0, bf16=cuda, grad_checkpointing=True)
+    if not quick:
+        add("trainpy", ("ours",), repeats=1, warmup=0, bf16=cuda, grad_checkpointing=False)
     # (d) loading, from the OS file cache; each run in its own process
     for _ in range(1 if quick else 3):
         add("load", repeats=1, warmup=0)
@@ -740,15 +787,20 @@ def report(results, args):
     say(f"| variant | ours s | diffusers s | ours/diffusers | AdamW update s, ours / diffusers | ours {unit} | "
         f"diffusers {unit} | losses ours / diffusers |")
     say("|---|---|---|---|---|---|---|---|")
-    for v in ("fp32", "bf16", "grad-ckpt", "bf16+grad-ckpt"):
+    for v in dict.fromkeys(n.split("/", 2)[2] for n in results if n.startswith("train/")):
         o, d = f"train/ours/{v}", f"train/diffusers/{v}"
         if o in results or d in results:
             losses = lambda n: " ".join(f"{x:.4f}" for x in results[n]["losses"]) if results.get(n) else "-"
-            adamw = lambda n: fmt(statistics.median(results[n]["adamw_s"])) if results.get(n) else "-"
+            adamw = lambda n: fmt(statistics.median(results[n]["adamw_s"])) if results.get(n, {}).get("adamw_s") else "-"
             say(f"| {v} | {fmt(med(o))} | {fmt(med(d))} | {fmt(ratio(med(o), med(d)))} | {adamw(o)} / {adamw(d)} | "
                 f"{fmt(mem(o))} | {fmt(mem(d))} | {losses(o)} / {losses(d)} |")
     say("- the AdamW update reads and writes 28 bytes per trainable parameter (983 M): 27.5 GB of memory "
         "traffic per step, its floor on any device")
+    say("- adamw-after-backward: the step before AdamW moved into backward, keeping every gradient until "
+        "optimizer.step(); without that switch AdamW runs during backward and is not timed apart")
+    for n in (n for n in results if n.startswith("trainpy/") and results[n]):
+        say(f"- {n}: `train.py --steps 2` as a user runs it, {results[n]['times'][0]:.0f} s in all; peak RSS of "
+            f"the whole process, loading and saving included: {results[n]['peak_rss_gb']:.2f} GB")
 
     say("\n(d) Loading the fp16 checkpoint into fp32 modules (file in the OS cache)\n")
     say("| side | median s | peak RSS GB | peak / fp32 model size (4.26 GB) |")
@@ -788,6 +840,10 @@ def report(results, args):
                    p is not None and p <= 1.5 * FP32_MODEL_GB))
     r = ratio(med("edit/ours/fp32"), med("edit/ours/bf16"))
     checks.append(("whole edit, bf16 autocast >= 2x faster than fp32", r, r is not None and r >= 2.0))
+    if not cuda:
+        p = peak("trainpy/ours/grad-ckpt")
+        checks.append(("train.py fp32, whole process with one step and the save, peak RSS <= 14 GB", p,
+                       p is not None and p <= 14.0))
     if cuda:
         t = med("unet/ours/bf16")
         checks.append(("UNet forward bf16, TFLOP/s (floor: 0.80 TFLOP per image)", ratio(tf, t), None))
@@ -828,7 +884,7 @@ def describe(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CPU-sized: a 256x256 10-step edit, fewer repeats")
-    p.add_argument("--only", help="comma-separated: unet,edit,train,load,vae,big")
+    p.add_argument("--only", help="comma-separated: unet,edit,train,trainpy,load,vae,big")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, help="timed runs per measurement (default: 2-3)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes to compile)")

@@ -230,9 +230,13 @@ def main(argv=None):
                 guide.K, guide.v = K_i, v_i
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(device)
-            with cli.out_of_memory_hint(f"{width}x{height} is too large for this device; lower --height/--width"):
-                pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
-                                   autocast=autocast, tiled=args.tile_vae)
+            try:
+                with cli.out_of_memory_hint(f"{width}x{height} is too large for this device; lower --height/--width"):
+                    pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
+                                       autocast=autocast, tiled=args.tile_vae)
+            except sine.NonFiniteSample as e:
+                cli.fail(f"{e} (seed {seed}, {label(K, v)}), so no PNG was written: check that --base is a "
+                         f"working SD v1 file{' and try without --bf16' if autocast else ''}")
             parameters = {"target": target, "training_prompts": [m["prompt"] for m in metadata],
                           "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,
                           "steps": args.steps, "eta": args.eta, "seed": seed, "width": width, "height": height,

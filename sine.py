@@ -4,7 +4,8 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
 
   1. Prompts: `[*]` marks the thing being learned.
   2. The position map (Sec. 3.3): where in the image a crop came from.
-  3. Patch-based fine-tuning (Sec. 3.3): random crops, the loss, one training step.
+  3. Patch-based fine-tuning (Sec. 3.3): random crops, the loss, AdamW applied during backward,
+     one training step.
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
   5. The fine-tuned file: the difference from the base weights, plus what edit.py needs.
   6. Speed switches shared by train.py and edit.py (bf16 autocast, bf16 weights for sampling,
@@ -15,17 +16,17 @@ Numbers that the paper leaves open come from the authors' code (see SPEC.md in t
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from model import LATENT_SCALE
 from model.ddim import classifier_free_guidance, sample
-from model.loader import PREFIXES, fingerprint
+from model.loader import PREFIXES, fingerprint, iter_tensors, read_header, write_safetensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0
 
 # ---------------------------------------------------------------------------------------------
@@ -115,10 +116,19 @@ def load_image(path, max_pixels=40_000_000):
 
 
 def to_tensor(image, size):
-    """PIL image -> (1, 3, h, w) in [-1, 1], resized to size = (h, w) without keeping the aspect."""
+    """PIL image -> (1, 3, h, w) in [-1, 1], resized to size = (h, w) without keeping the aspect.
+
+    PIL's bicubic filter and 8-bit rounding, as the authors' data loader does for the canvas and
+    for every crop."""
     image = image.resize((size[1], size[0]), Image.BICUBIC)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return (pixels.view(size[0], size[1], 3).permute(2, 0, 1)[None].float() / 127.5 - 1.0)
+
+
+def make_canvas(image):
+    """The photo resized to CANVAS x CANVAS (bicubic): the aspect is not kept, the position map
+    restores it at sampling time. Stays a PIL image, so that each crop is resampled from 8-bit pixels."""
+    return image.resize((CANVAS, CANVAS), Image.BICUBIC)
 
 
 def sample_crop_box(generator):
@@ -130,27 +140,29 @@ def sample_crop_box(generator):
 
 
 def crop_pixels(canvas, crop_box):
-    """The canvas region of crop_box (grid cells, 8 pixels each), resized to CROP x CROP."""
+    """The canvas region of crop_box (grid cells, 8 pixels each), resized to CROP x CROP: (1, 3, 512, 512)."""
     y0, x0, y1, x1 = (8 * c for c in crop_box)
-    return F.interpolate(canvas[:, :, y0:y1, x0:x1], size=(CROP, CROP), mode="bilinear",
-                         align_corners=False, antialias=True)
+    return to_tensor(canvas.crop((x0, y0, x1, y1)), (CROP, CROP))
 
 
 @torch.no_grad()
 def encode(vae, pixels, generator):
     """pixels in [-1, 1] -> a latent sampled from the VAE's Gaussian, scaled as the UNet expects."""
-    mean, logvar = vae.encode(pixels)
+    mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device))
     noise = torch.randn(mean.shape, generator=generator).to(mean)
     return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * noise)
 
 
 def reconstruction_loss(x0_pred, z0, t):
-    """The authors' colour anchor (not in the paper): mean_b[(t/1000)^2 * L1(avgpool(x0_pred), avgpool(z0))].
+    """The authors' reconstruction term (not in the paper): mean_b[(t/1000)^2 * mean_{c,h,w} |x0_pred - z0|].
 
-    avgpool averages each latent channel over the whole crop, so this only pins overall colour and
-    brightness; the weight (t/1000)^2 leaves nearly clean steps alone, where x0_pred is already good.
+    A per-pixel L1 on the whole clean latent predicted from the noise, x0_pred. The authors' code
+    first pools both latents to 64 x 64 (adaptive_avg_pool2d, recon_loss_size = 64), which on the
+    64 x 64 latent of a 512 x 512 crop changes nothing. The weight (t/1000)^2 leaves nearly clean
+    steps to the eps-MSE; at large t the term dominates, since x0_pred's error is eps's error times
+    sqrt((1 - a_t) / a_t), about 12 at t = 950: it makes the model lay out each crop from heavy noise.
     """
-    per_sample = (x0_pred.mean(dim=(2, 3)) - z0.mean(dim=(2, 3))).abs().mean(dim=1)  # (B,)
+    per_sample = (x0_pred - z0).abs().mean(dim=(1, 2, 3))                       # (B,)
     return ((t.float() / NUM_TRAIN_TIMESTEPS) ** 2 * per_sample).mean()
 
 
@@ -161,7 +173,7 @@ def training_loss(unet, z0, context, t, noise, alphas_cumprod, position=None, re
     loss = F.mse_loss(eps_pred.float(), noise.float())
     if recon_weight:
         x0_pred = predict_x0(z_t, eps_pred.float(), t, alphas_cumprod)
-        loss = loss + recon_weight * reconstruction_loss(x0_pred, z0, t)
+        loss = loss + recon_weight * reconstruction_loss(x0_pred, z0.float(), t)
     return loss
 
 
@@ -181,19 +193,48 @@ def sample_example(vae, canvas, patch, generator, full_map=None):
     return Example(z0, crop_position_map(full_map, crop_box, z0.shape[-2:]).to(z0))
 
 
-def training_step(sd, optimizer, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None):
-    """One AdamW step on one example. Both the UNet and the text encoder learn; the VAE is frozen."""
+def adamw_in_backward(params, lr, weight_decay=0.01, fused=False):
+    """AdamW that updates each parameter as soon as backward has its gradient, then frees that gradient.
+
+    The usual loss.backward(); optimizer.step() holds a whole set of gradients (3.9 GB for SD v1)
+    until the step. Here at most a few gradients exist at once. One AdamW per parameter, in
+    single-tensor form (or fused, one kernel): the same arithmetic, parameter by parameter, as one
+    AdamW over all of them, so the weights come out bitwise the same. This holds for batch 1 with
+    no gradient clipping, which needs every gradient before any update. Returns {param: its AdamW},
+    whose .state[param] holds the moments (train.py saves them for --resume)."""
+    optimizers = {p: torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay, foreach=False, fused=fused)
+                  for p in params}
+
+    def step_and_free(param):
+        optimizers[param].step()
+        param.grad = None
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(step_and_free)
+    return optimizers
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss became nan or inf: the run has diverged."""
+
+
+def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None):
+    """One step on one example: forward, then backward, during which adamw_in_backward (set up once
+    beforehand) updates the weights. Both the UNet and the text encoder learn; the VAE is frozen.
+
+    A nan or inf loss raises NonFiniteLoss before backward, so no weight is touched by it."""
     example = sample_example(sd.vae, canvas, patch, generator, full_map)
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=generator).to(canvas.device)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=generator).to(example.z0.device)
     noise = torch.randn(example.z0.shape, generator=generator).to(example.z0)
-    with autocast or torch.autocast(canvas.device.type, enabled=False):
+    with autocast or torch.autocast(example.z0.device.type, enabled=False):
         context = sd.text_encoder(ids)
         loss = training_loss(sd.unet, example.z0, context, t, noise, alphas_cumprod, example.position,
                              recon_weight=1.0 if patch else 0.0)
-    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(value)
     loss.backward()
-    optimizer.step()
-    return loss.item()
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +294,13 @@ def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generato
     in fp32); tiled: decode in tiles, True, False or None (only large images, see model/vae.py)."""
     with autocast or torch.autocast(noise.device.type, enabled=False):
         latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress)
+    if not torch.isfinite(latents).all():  # decoded, it would be a black image
+        raise NonFiniteSample("the sample turned nan or inf during sampling")
     return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
+
+
+class NonFiniteSample(ArithmeticError):
+    """Sampling produced nan or inf: the models' weights or the settings are broken."""
 
 
 def full_position_map(channels, size, device=None):
@@ -272,14 +319,16 @@ def trainable_parts(sd):
     return {"unet": sd.unet, "text_encoder": sd.text_encoder}
 
 
-def atomic_save(tensors, path, metadata):
-    """Write to a temporary file beside path, then rename: a crash leaves the old file or the new one."""
+@contextmanager
+def atomic_path(path):
+    """A temporary file beside path to write to; renamed to path once written. A crash, a full
+    disk or an exception leaves the old file or the new one, never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
@@ -291,17 +340,31 @@ def atomic_save(tensors, path, metadata):
             os.remove(tmp)
 
 
+class NonFiniteWeights(ArithmeticError):
+    """A weight, or its fp16 difference from the base, is nan or inf: nothing is saved."""
+
+
 def save_finetuned(path, sd, base_path, metadata):
-    """Store (w_finetuned - w_base) for every trainable weight, reading the base from its file."""
-    deltas = {}
-    with safe_open(base_path, framework="pt") as base:
-        for part, module in trainable_parts(sd).items():
-            for name, weight in module.state_dict().items():
-                base_weight = base.get_tensor(sd.file_keys[part][name]).float()  # as load_sd read it
-                deltas[PREFIXES[part] + name] = (weight.detach().float().cpu() - base_weight).half()
+    """Store (w_finetuned - w_base) in fp16 for every trainable weight, reading the base from its file.
+
+    One tensor at a time, read and written: saving needs no second copy of the model. Refuses
+    (NonFiniteWeights) to write a file holding nan or inf, so a diverged run never replaces a good save."""
+    weights = {PREFIXES[part] + name: (sd.file_keys[part][name], weight)
+               for part, module in trainable_parts(sd).items() for name, weight in module.state_dict().items()}
+    base_header = read_header(base_path)
+
+    def deltas():
+        base_weights = iter_tensors(base_path, base_header, {key: file_key for key, (file_key, _) in weights.items()})
+        for key, base_weight in base_weights:  # fp32, as load_sd read it
+            delta = (weights[key][1].detach().float().cpu() - base_weight).half()
+            if not torch.isfinite(delta).all():  # nan or inf weights, or a change beyond fp16's 65504
+                raise NonFiniteWeights(f"{key} holds nan or inf values")
+            yield delta
+
     metadata = {"sine.finetuned": "1", "base": os.path.basename(base_path),
                 "base_fingerprint": fingerprint(base_path), **{k: str(v) for k, v in metadata.items()}}
-    atomic_save(deltas, path, metadata)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write_safetensors(f, {key: weight.shape for key, (_, weight) in weights.items()}, deltas(), metadata)
 
 
 def apply_finetuned(sd, path):
@@ -309,7 +372,11 @@ def apply_finetuned(sd, path):
     with safe_open(path, framework="pt") as f:
         for part, module in trainable_parts(sd).items():
             for name, weight in module.state_dict().items():
-                weight += f.get_tensor(PREFIXES[part] + name).to(weight)
+                delta = f.get_tensor(PREFIXES[part] + name)
+                if not torch.isfinite(delta).all():
+                    raise ValueError(f"{path} holds nan or inf values ({PREFIXES[part] + name}): its training "
+                                     "diverged; fine-tune again with a lower --lr")
+                weight += delta.to(weight)
     return sd
 
 

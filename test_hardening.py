@@ -720,17 +720,20 @@ def tiny_training(root, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
     base = os.path.join(root, "weights", "tiny.safetensors")
     sd = load_sd(base)
-    optimizer = torch.optim.AdamW([p for _, p in train.trainable_parameters(sd)], lr=1e-6)
+    for module in sine.trainable_parts(sd).values():
+        module.requires_grad_(True)
+    optimizers = sine.adamw_in_backward([p for _, p in train.trainable_parameters(sd)], lr=1e-6)
     args = train.parse_args(["photo.png", PROMPT, "--out", str(tmp_path / "ft.safetensors"), "--base", base])
-    return args, sd, optimizer, torch.Generator().manual_seed(0)
+    return args, sd, optimizers, torch.Generator().manual_seed(0)
 
 
 def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tmp_path, monkeypatch, capsys):
-    args, sd, optimizer, generator = tiny_training
+@pytest.mark.parametrize("failing", ["finetuned", "resume"])
+def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tmp_path, monkeypatch, capsys, failing):
+    args, sd, optimizers, generator = tiny_training
     Path(args.out).write_bytes(b"the previous save")
     state = train.resume_path(args.out)
     Path(state).write_bytes(b"the previous resume state")
@@ -739,14 +742,26 @@ def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tm
     def half_then_full(tensors, path, metadata=None):  # as safetensors fails on a full disk
         Path(path).write_bytes(b"half a file")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr(sine, "save_file", half_then_full)
+
+    def half_then_no_space(f, *args, **kwargs):  # as a write() fails on a full disk
+        f.write(b"half a file")
+        no_space()
+    if failing == "finetuned":
+        monkeypatch.setattr(sine, "write_safetensors", half_then_no_space)
+    else:
+        monkeypatch.setattr(train, "save_file", half_then_full)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        train.save(args, sd, optimizer, generator, 7, (W, H), resumable=True)
+        train.save(args, sd, optimizers, generator, 7, (W, H), resumable=True)
     line = exit_message(exit_info)
     assert capsys.readouterr().err == ""
     assert "No space left on device" in line and args.out in line and "intact" in line, line
-    assert not changes(before, snapshot(str(tmp_path))), "the earlier files changed, or a temporary file was left"
+    changed = changes(before, snapshot(str(tmp_path)))
+    if failing == "finetuned":
+        assert not changed, "the earlier files changed, or a temporary file was left"
+    else:  # the fine-tuned file was saved whole before the resume state failed
+        assert set(changed) == {os.path.basename(args.out)}, changed
+        assert load_tensors(args.out)[1]["steps"] == "7"
 
 
 def test_disk_full_while_saving_a_png_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys):
@@ -876,7 +891,7 @@ def oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("checkpointing, hint", [("--no-grad-checkpointing", "turn on --grad-checkpointing"),
+@pytest.mark.parametrize("checkpointing, hint", [("--no-grad-checkpointing", "turn it on"),
                                                  ("--grad-checkpointing", "GPU with more memory")])
 def test_out_of_memory_while_training(root, tmp_path, monkeypatch, capsys, checkpointing, hint):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
@@ -905,3 +920,78 @@ def test_out_of_memory_while_sampling(root, tmp_path, monkeypatch, capsys):
     assert "error" not in capsys.readouterr().err
     assert "out of memory" in line and "192x128" in line and "--height" in line and "--width" in line, line
     assert not os.path.exists(tmp_path / "outputs"), "no PNG, and no folder is made"
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence: a run whose numbers turn nan or inf never writes them, and edit.py never renders them
+
+def last_line(stderr):
+    """The CLI's complaint after its progress output: the last line, the only error, no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert sum("error" in line for line in lines) == 1, stderr
+    return lines[-1]
+
+
+def all_finite(folder):
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if name.endswith(".safetensors"):
+                tensors, _ = load_tensors(os.path.join(dirpath, name))
+                assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), name
+
+
+@pytest.mark.parametrize("options, when", [
+    ((), "the loss became"),                          # weights blow up; the next forward gives nan
+    (("--save-every", "1"), "holds nan or inf"),      # the save after step 1 meets an fp16 overflow
+], ids=["nan-loss", "save-every"])
+def test_diverging_run_stops_and_keeps_the_last_good_save(root, tmp_path, options, when):
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd = str(tmp_path)
+    good = run(root, "train.py", "photo.png", PROMPT, "--steps", "1", "--out", "ft/castle.safetensors", cwd=cwd)
+    assert good.returncode == 0, good.stderr[-2000:]
+    before = snapshot(cwd)
+
+    result = run(root, "train.py", "photo.png", PROMPT, "--steps", "4", "--lr", "1e12", "--out",
+                 "ft/castle.safetensors", "--overwrite", *options, cwd=cwd)
+    line = last_line(result.stderr)
+    assert result.returncode != 0 and result.stdout == ""
+    assert line.startswith("error: training diverged") and when in line and "--lr" in line, line
+    assert "last good save, ft/castle.safetensors, is kept" in line, line
+    assert not changes(before, snapshot(cwd)), "the earlier save changed, or a file was added"
+
+    # With nothing saved before, nothing is written at all.
+    result = run(root, "train.py", "photo.png", PROMPT, "--steps", "4", "--lr", "1e12", "--out",
+                 "fresh/castle.safetensors", *options, cwd=cwd)
+    line = last_line(result.stderr)
+    assert result.returncode != 0 and "nothing was saved" in line, line
+    assert not [files for _, _, files in os.walk(tmp_path / "fresh") if files]
+    all_finite(cwd)
+
+
+def test_edit_refuses_a_finetuned_file_with_nan(root, tmp_path):
+    tensors, metadata = load_tensors(os.path.join(root, "finetuned.safetensors"))
+    key = sorted(tensors)[len(tensors) // 2]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=metadata)
+    result = run(root, "edit.py", "--target", "... in snow", "--finetuned", "broken.safetensors", "--steps", "2",
+                 "--height", "64", "--width", "64", "--out", "pngs", cwd=str(tmp_path))
+    line = error_line(result.stderr)
+    assert result.returncode != 0 and result.stdout == ""
+    assert "broken.safetensors" in line and "nan or inf" in line and key in line, line
+    assert not os.path.exists(tmp_path / "pngs")
+
+
+def test_a_sample_that_turns_nan_writes_no_png(root, tmp_path):
+    from model.loader import CONFIG_KEY
+    from model.tiny import random_state_dict
+    state = random_state_dict(TINY, seed=0)
+    state["model.diffusion_model.out.2.bias"][0] = float("nan")
+    save_file(state, str(tmp_path / "nan-base.safetensors"), metadata={CONFIG_KEY: TINY.to_json()})
+    result = run(root, "edit.py", "--target", "a castle", "--finetuned", "none", "--base", "nan-base.safetensors",
+                 "--steps", "2", "--height", "64", "--width", "64", "--out", "pngs", cwd=str(tmp_path))
+    line = last_line(result.stderr)
+    assert result.returncode != 0 and result.stdout == ""
+    assert "nan or inf" in line and "no PNG" in line, line
+    assert not os.path.exists(tmp_path / "pngs")

@@ -1,8 +1,8 @@
 """sine.py, one equation at a time, on a tiny random Stable Diffusion (model.tiny).
 
 Every expected value is computed here, independently of sine.py: by hand from separate UNet calls
-(guidance), from the formulas in SPEC.md in float64 (position map, schedule), or with explicit
-loops (the reconstruction term). The last test fine-tunes a tiny model on one latent and checks
+(guidance), from the formulas in SPEC.md in float64 (position map, schedule), with explicit
+loops (the reconstruction term), or as the authors' code computes it (crops). The last test fine-tunes a tiny model on one latent and checks
 that sampling then reproduces it: training and sampling must agree on the schedule and on what
 the UNet predicts, or the sampled latent lands somewhere else.
 """
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import sine
 from model import UNetConfig, load_sd, read_header
@@ -277,16 +278,37 @@ def test_sample_crop_box_distribution():
 
 
 def test_crop_pixels_cuts_the_box_and_resizes():
-    canvas = torch.zeros(1, 3, 1024, 1024)
+    canvas = np.zeros((1024, 1024, 3), dtype=np.uint8)
     box = [16, 40, 48, 120]  # [y0, x0, y1, x1] in cells of 8 pixels
-    colour = torch.tensor([0.5, -0.25, 1.0])
-    canvas[:, :, 8 * 16:8 * 48, 8 * 40:8 * 120] = colour[:, None, None]
+    colour = np.array([191, 96, 255], dtype=np.uint8)
+    canvas[8 * 16:8 * 48, 8 * 40:8 * 120] = colour
+    canvas = Image.fromarray(canvas)
     out = sine.crop_pixels(canvas, box)
     assert out.shape == (1, 3, 512, 512)
-    torch.testing.assert_close(out, colour[None, :, None, None].expand(1, 3, 512, 512))
+    expected = torch.tensor(colour / 127.5 - 1, dtype=torch.float32)
+    torch.testing.assert_close(out, expected[None, :, None, None].expand(1, 3, 512, 512))
     # one cell more on any side lets the zeros around the box in
     for bigger in ([15, 40, 48, 120], [16, 39, 48, 120], [16, 40, 49, 120], [16, 40, 48, 121]):
-        assert (sine.crop_pixels(canvas, bigger)[:, 0] < 0.5 - 1e-3).any()
+        assert (sine.crop_pixels(canvas, bigger)[:, 0] < expected[0] - 1e-3).any()
+
+
+def authors_crop(image, crop_box):
+    """SPEC.md section 2: the canvas is the photo resized to 1024 x 1024 with PIL's BICUBIC; the crop
+    of box [y0, x0, y1, x1] (cells of 8 pixels) is resized to 512 x 512 with BICUBIC, then scaled
+    from 8 bits to [-1, 1]."""
+    canvas = image.resize((1024, 1024), resample=Image.BICUBIC)
+    y0, x0, y1, x1 = crop_box
+    crop = canvas.crop((8 * x0, 8 * y0, 8 * x1, 8 * y1)).resize((512, 512), resample=Image.BICUBIC)
+    return torch.from_numpy(np.asarray(crop).astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def test_crops_are_resampled_as_the_authors_do():
+    """Bicubic, from 8-bit pixels: a bilinear or float resampling differs by more than rounding."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8))  # any aspect, noisy
+    canvas = sine.make_canvas(photo)
+    for box in ([0, 0, 128, 128], [3, 70, 20, 90], [10, 5, 120, 60]):  # shrunk, enlarged, mixed
+        torch.testing.assert_close(sine.crop_pixels(canvas, box), authors_crop(photo, box), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,11 +321,7 @@ def test_reconstruction_loss_by_hand():
     a, b = x0_pred.double().tolist(), z0.double().tolist()
     total = 0.0
     for n in range(2):
-        l1 = 0.0
-        for c in range(4):
-            mean_a = sum(a[n][c][i][j] for i in range(3) for j in range(5)) / 15
-            mean_b = sum(b[n][c][i][j] for i in range(3) for j in range(5)) / 15
-            l1 += abs(mean_a - mean_b) / 4
+        l1 = sum(abs(a[n][c][i][j] - b[n][c][i][j]) for c in range(4) for i in range(3) for j in range(5)) / 60
         total += (int(t[n]) / 1000) ** 2 * l1
     expected = total / 2
     assert sine.reconstruction_loss(x0_pred, z0, t).item() == pytest.approx(expected, rel=1e-5)
@@ -329,7 +347,7 @@ def test_training_loss_is_mse_plus_reconstruction(setup):
     assert plain.item() == pytest.approx(mse, rel=1e-5)
 
     x0_pred = (z_t - (1 - a).sqrt() * eps_pred) / a.sqrt()
-    recon = ((x0_pred.mean(dim=(2, 3)) - z0.mean(dim=(2, 3))).abs().mean(dim=1) * (t / 1000.0) ** 2).mean().item()
+    recon = ((x0_pred - z0).abs().mean(dim=(1, 2, 3)) * (t / 1000.0) ** 2).mean().item()
     full = sine.training_loss(s["base"], z0, context, t, noise, alphas_cumprod(), recon_weight=1.0)
     assert full.item() == pytest.approx(mse + recon, rel=1e-5)
     assert recon > 1e-4 * mse  # the term is really there for the comparison to mean something
@@ -364,14 +382,14 @@ def test_finetuned_file_round_trip(base_path, tmp_path, lr):
     before = state(sd)
     for m in sine.trainable_parts(sd).values():
         m.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable(sd), lr=lr, weight_decay=0.01)
+    sine.adamw_in_backward(trainable(sd), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
-    canvas = torch.rand(1, 3, sine.CANVAS, sine.CANVAS, generator=g) * 2 - 1
+    canvas = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
     prompt = "a photo of a [*] castle"
     ids = sd.tokenizer([sine.training_prompt(prompt)])
     full_map = sine.position_map(sd.config.unet.model_channels)
     for _ in range(2):
-        sine.training_step(sd, optimizer, canvas, ids, True, g, alphas_cumprod(), full_map)
+        sine.training_step(sd, canvas, ids, True, g, alphas_cumprod(), full_map)
     for m in sine.trainable_parts(sd).values():
         m.eval().requires_grad_(False)
     after = state(sd)

@@ -14,6 +14,7 @@ import sys
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
@@ -37,8 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the resume state saved beside --out")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in backward to save memory (default: on with CUDA)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute activations in backward: a lower peak, at little cost (default: on)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="forward and backward in bfloat16 autocast; weights and AdamW state stay fp32 "
                         "(default: on with CUDA, off on CPU)")
@@ -79,33 +80,43 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------
 # Saving: the fine-tuned file (small, for edit.py) and a resume state (exact, for --resume)
 
-def save(args, sd, optimizer, generator, step, image_size, resumable):
+def save(args, sd, optimizers, generator, step, image_size, resumable):
     try:
         sine.save_finetuned(args.out, sd, args.base, {
             "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image_size[0]}x{image_size[1]}",
             "steps": step, "seed": args.seed, "lr": args.lr})
         if resumable:  # written last: a resume state on disk means its save completed
-            save_resume_state(resume_path(args.out), sd, optimizer, generator, step)
+            save_resume_state(resume_path(args.out), sd, optimizers, generator, step)
     except OSError as e:
         cli.fail(f"could not save step {step} to {args.out} ({e.strerror or e}); files saved earlier are intact")
+    except sine.NonFiniteWeights as e:
+        diverged(args, f"at step {step} {e}")
     if not resumable and os.path.exists(resume_path(args.out)):
         os.remove(resume_path(args.out))  # finished: the large resume state is no longer needed
 
 
-def save_resume_state(path, sd, optimizer, generator, step):
+def diverged(args, what):
+    """Stop a run whose numbers have become nan or inf, keeping whatever was saved before."""
+    kept = f"the last good save, {args.out}, is kept" if os.path.exists(args.out) else "nothing was saved"
+    cli.fail(f"training diverged: {what}. Lower --lr (now {args.lr:g})"
+             f"{', or train without --bf16' if args.bf16 else ''}; {kept}")
+
+
+def save_resume_state(path, sd, optimizers, generator, step):
     """Exact fp32 weights, AdamW moments and the RNG: all a bitwise-identical continuation needs."""
     tensors = {"rng": generator.get_state()}
     params = list(trainable_parameters(sd))
     for i, (name, param) in enumerate(params):
         tensors[f"weight.{name}"] = param.detach().cpu()
-        state = optimizer.state.get(param, {})
+        state = optimizers[param].state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in state:
                 tensors[f"{key}.{i}"] = state[key].detach().cpu().reshape(state[key].shape)
-    sine.atomic_save(tensors, path, {"step": str(step)})
+    with sine.atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"step": str(step)})
 
 
-def load_resume_state(path, sd, optimizer, generator):
+def load_resume_state(path, sd, optimizers, generator):
     params = list(trainable_parameters(sd))
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
@@ -113,7 +124,7 @@ def load_resume_state(path, sd, optimizer, generator):
             for i, (name, param) in enumerate(params):
                 param.copy_(f.get_tensor(f"weight.{name}"))
                 if f"step.{i}" in keys:
-                    optimizer.state[param] = {k: f.get_tensor(f"{k}.{i}").to(param.device if k != "step" else "cpu")
+                    optimizers[param].state[param] = {k: f.get_tensor(f"{k}.{i}").to(param.device if k != "step" else "cpu")
                                               for k in ("step", "exp_avg", "exp_avg_sq")}
         generator.set_state(f.get_tensor("rng"))
         return int(f.metadata()["step"])
@@ -148,35 +159,39 @@ def main(argv=None):
 
     for module in sine.trainable_parts(sd).values():
         module.train().requires_grad_(True)
-    use_checkpointing = args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda"
-    memory_hint = ("training needs ~16 GB: use a GPU with more memory" if use_checkpointing else
-                   "training needs ~16 GB: turn on --grad-checkpointing, or use a GPU with more memory")
-    sd.unet.gradient_checkpointing = use_checkpointing
-    optimizer = torch.optim.AdamW([p for _, p in trainable_parameters(sd)], lr=args.lr, weight_decay=0.01,
-                                  fused=device.type == "cuda")
+    # Measured on a CPU in fp32 (BENCHMARKS.md): 13.4 GB with checkpointing, 14.6 GB without.
+    memory_hint = ("fine-tuning SD v1 needs about 13.5 GB: use a machine or GPU with more memory"
+                   if args.grad_checkpointing else "fine-tuning SD v1 needs about 14.6 GB without "
+                   "--grad-checkpointing: turn it on, or use a machine or GPU with more memory")
+    sd.unet.gradient_checkpointing = args.grad_checkpointing
+    optimizers = sine.adamw_in_backward([p for _, p in trainable_parameters(sd)], args.lr, weight_decay=0.01,
+                                        fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(args.seed)  # a CPU generator: the same crops on any device
-    canvas = sine.to_tensor(image, (sine.CANVAS, sine.CANVAS)).to(device)
+    canvas = sine.make_canvas(image)
     ids = sd.tokenizer([sine.training_prompt(args.prompt)]).to(device)
     full_map = sine.position_map(sd.config.unet.model_channels).to(device) if args.patch else None
     alphas = alphas_cumprod().to(device)
     autocast = sine.bf16_autocast(device, args.bf16)
+    args.bf16 = autocast is not None  # as chosen, for the messages
     sine.speed_up(sd.unet, compile=args.compile)
-    start = load_resume_state(resume_path(args.out), sd, optimizer, generator) if args.resume else 0
+    start = load_resume_state(resume_path(args.out), sd, optimizers, generator) if args.resume else 0
 
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the step, then save
     step = start
     with tqdm(total=args.steps, initial=start, desc="fine-tuning") as bar:  # closed before any error prints
         while step < args.steps and not interrupted:
-            with cli.out_of_memory_hint(memory_hint):
-                loss = sine.training_step(sd, optimizer, canvas, ids, args.patch, generator, alphas, full_map,
-                                          autocast)
+            try:
+                with cli.out_of_memory_hint(memory_hint):
+                    loss = sine.training_step(sd, canvas, ids, args.patch, generator, alphas, full_map, autocast)
+            except sine.NonFiniteLoss as e:
+                diverged(args, f"the loss became {e} at step {step + 1}")
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if args.save_every and step % args.save_every == 0 and step < args.steps:
-                save(args, sd, optimizer, generator, step, image.size, resumable=True)
-    save(args, sd, optimizer, generator, step, image.size, resumable=bool(interrupted))
+                save(args, sd, optimizers, generator, step, image.size, resumable=True)
+    save(args, sd, optimizers, generator, step, image.size, resumable=bool(interrupted))
     if interrupted:
         cli.say(f"interrupted at step {step}, saved {args.out}; continue with: {resume_command(argv)}")
     print(args.out)

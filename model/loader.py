@@ -201,7 +201,7 @@ def _load_part(module, names, header, path, device, dtype):
         if shape != want:
             raise CheckpointError(f"{path} does not match the SD v1 layout: {file_key} has shape {shape}, "
                                   f"SD v1 has {want}")
-    state = _read_tensors(path, header, names, device, dtype)
+    state = dict(iter_tensors(path, header, names, device, dtype))
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -211,12 +211,11 @@ FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                "BOOL": torch.bool}
 
 
-def _read_tensors(path, header, names, device, dtype):
-    """{name: tensor} for names = {name: file key}, each read with one read() into memory of its own
-    and then converted, so loading peaks at the loaded model plus one tensor. (safetensors' get_tensor
-    maps the file instead: the whole file then counts as the process's memory for as long as any of
-    its tensors lives, even after a cast to bf16 has replaced most of them.)"""
-    state = {}
+def iter_tensors(path, header, names, device="cpu", dtype=torch.float32):
+    """(name, tensor) for names = {name: file key}, one at a time, each read with one read() into
+    memory of its own and then converted, so loading peaks at the loaded model plus one tensor.
+    (safetensors' get_tensor maps the file instead: the whole file then counts as the process's
+    memory for as long as the file is open or any of its tensors lives.)"""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         for name, key in names.items():
@@ -230,8 +229,29 @@ def _read_tensors(path, header, names, device, dtype):
             f.seek(8 + header_len + begin)
             if f.readinto(raw.numpy()) != end - begin:  # the file shrank since read_header checked it
                 raise CheckpointError(f"{path} is truncated: {key} is incomplete. Download it again.")
-            state[name] = raw.view(file_dtype).reshape(entry["shape"]).to(device=device, dtype=dtype)
-    return state
+            yield name, raw.view(file_dtype).reshape(entry["shape"]).to(device=device, dtype=dtype)
+
+
+def write_safetensors(f, shapes, tensors, metadata, dtype=torch.float16):
+    """Write a safetensors file into the open file f one tensor at a time, so that writing needs
+    memory for one tensor, not for the whole file. shapes = {key: shape}; tensors yields each key's
+    tensor (of dtype), in the same order.
+
+    The format: 8 bytes of header length, the JSON header (each key's dtype, shape and byte range),
+    padded with spaces to a multiple of 8, then the tensors' bytes back to back."""
+    header, offset = {"__metadata__": metadata}, 0
+    dtype_name = next(name for name, d in FILE_DTYPES.items() if d == dtype)
+    for key, shape in shapes.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(struct.pack("<Q", len(text)) + text)
+    for (key, shape), tensor in zip(shapes.items(), tensors, strict=True):
+        if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+            raise ValueError(f"{key}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def check_sd_v1(path):
