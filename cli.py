@@ -1,5 +1,5 @@
 """What train.py and edit.py share: finding files, choosing a device, memory pages, and failing
-politely.
+politely: checked arguments, one-line warnings.
 
 A user's mistake ends the program with one line on stderr that says what to do, never a traceback.
 """
@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -75,11 +76,36 @@ def use_huge_pages():
 
 
 def pick_device(name=None):
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu")
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device as given (cuda, cuda:1, cpu; mps on a Mac), checked; by default a CUDA GPU if there is one."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: mps needs a Mac with Apple silicon; use --device cpu")
+    if device.type not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"--device {name}: sine runs on cuda or cpu")
+    return device
+
+
+MAX_SEED = 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed, count=1):
+    """seed, seed + 1, ..., seed + count - 1 must all be seeds that PyTorch accepts."""
+    if not 0 <= seed <= MAX_SEED - (count - 1):
+        raise ValueError(f"--seed must be from 0 to {MAX_SEED - (count - 1)} (got {seed})")
+
+
+def plain_warnings():
+    """Warnings a user sees are one line, 'warning: ...', without Python's file name and source line."""
+    warnings.formatwarning = lambda message, *rest: f"warning: {message}\n"
 
 
 def check_writable_folder(path):

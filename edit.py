@@ -12,6 +12,8 @@ import glob
 import itertools
 import json
 import os
+import sys
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
@@ -78,9 +80,10 @@ def check_size(value, flag):
 
 
 def default_size(source_size, height, width):
-    """The source photo's aspect ratio with 512 on the short side, rounded to multiples of 64."""
+    """The source photo's aspect ratio, rounded to multiples of 64: 512 on the short side, or the
+    one side given."""
     w, h = source_size
-    scale = 512 / min(w, h)
+    scale = height / h if height else width / w if width else 512 / min(w, h)
     return height or max(64, round(h * scale / 64) * 64), width or max(64, round(w * scale / 64) * 64)
 
 
@@ -106,6 +109,9 @@ def read_finetuned(path, base):
     if "sine.finetuned" not in metadata:
         raise ValueError(f"{path} is not a fine-tuned file from train.py (it looks like a base checkpoint: "
                          "pass it as --base)")
+    if int(metadata.get("steps", 0)) < int(metadata.get("planned_steps", 0)):
+        cli.say(f"note: {path} is unfinished, trained for {metadata['steps']} of {metadata['planned_steps']} "
+                "steps (train.py --resume continues it); editing with it anyway")
     if metadata.get("base_fingerprint") != fingerprint(base):
         raise ValueError(f"{path} was fine-tuned from {metadata.get('base')} (fingerprint "
                          f"{metadata.get('base_fingerprint')}), not from {base}: pass that file as --base")
@@ -113,8 +119,8 @@ def read_finetuned(path, base):
 
 
 def check_args(args):
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+    if not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps must be from 1 to 1000, the noise levels SD v1 was trained with (got {args.steps})")
     if not 0 <= args.scale < float("inf"):  # also refuses nan
         raise ValueError(f"--scale must be 0 or more (got {args.scale})")
     if args.n < 1:
@@ -123,6 +129,12 @@ def check_args(args):
         raise ValueError(f"--eta must be between 0 and 1 (got {args.eta})")
     check_size(args.height, "height")
     check_size(args.width, "width")
+    cli.check_seed(args.seed, args.n)
+    if sine.PLACEHOLDER in args.target:
+        raise ValueError(f"--target is for the pre-trained model, which does not know {sine.PLACEHOLDER}: "
+                         'name the class instead ("a castle in snow"), or continue the training prompt ("... in snow")')
+    if os.path.isfile(args.out) or args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+        raise ValueError(f"--out {args.out} names a file, but --out is the folder for the PNGs, e.g. --out results")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,76 +191,109 @@ def label(K, v):
     return f"K={show(K)} v={show(v)}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        cli.use_huge_pages()
-        files = find_finetuned(args.finetuned)
-        Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
-        vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)
-        if not files:
-            Ks, vs = Ks[:1], vs[:1]  # nothing to sweep without a fine-tuned model
-        if any(sum(1 - x for x in v) > 1 for v in vs):
-            raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
-        args.base = cli.find_base(args.base)
-        check_sd_v1(args.base)
-        metadata = [read_finetuned(path, args.base) for path in files]
-        if args.target.startswith("...") and not metadata:
-            raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
-        first = metadata[0] if metadata else {"source_size": "512x512", "prompt": ""}
-        height, width = default_size(tuple(int(x) for x in first["source_size"].split("x")), args.height, args.width)
-        if max(height, width) > MAX_SIZE:
-            raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {MAX_SIZE} a side: "
-                             "choose the size with --height and --width")
-        device = cli.pick_device(args.device)
-        cli.check_writable_folder(os.path.join(args.out, "x.png"))
-        sd = load_sd(args.base, device=device)
-        finetuned = [sine.apply_finetuned(load_sd(args.base, device=device), path) for path in files]
-    except (ValueError, OSError) as e:
-        cli.fail(e)
-    cli.say(f"base: {sd.description}")
-    autocast = sine.bf16_autocast(device, args.bf16)
-    for loaded in [sd] + finetuned:
-        sine.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
+@dataclass
+class Setup:
+    """What the rendering loop needs, all checked and loaded."""
+    sd: object                       # the pre-trained model
+    finetuned: list                  # one loaded model per --finetuned file
+    files: list
+    metadata: list                   # each fine-tuned file's metadata
+    Ks: list
+    vs: list
+    height: int
+    width: int
+    device: torch.device
 
-    target = sine.target_prompt(args.target, first["prompt"])
-    encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(device))
+
+def load(args):
+    """Check every argument, then load the models. A user's mistake raises ValueError or OSError
+    before any weight is read."""
+    check_args(args)
+    cli.use_huge_pages()
+    files = find_finetuned(args.finetuned)
+    Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
+    vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)
+    if not files:
+        Ks, vs = Ks[:1], vs[:1]  # nothing to sweep without a fine-tuned model
+    if any(sum(1 - x for x in v) > 1 for v in vs):
+        raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
+    args.base = cli.find_base(args.base)
+    check_sd_v1(args.base)
+    metadata = [read_finetuned(path, args.base) for path in files]
+    if args.target.startswith(("...", "\u2026")) and not metadata:
+        raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
+    source = metadata[0]["source_size"] if metadata else "512x512"
+    height, width = default_size(tuple(int(x) for x in source.split("x")), args.height, args.width)
+    if max(height, width) > MAX_SIZE:
+        raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {MAX_SIZE} a side: "
+                         "choose the size with --height and --width")
+    device = cli.pick_device(args.device)
+    cli.check_writable_folder(os.path.join(args.out, "x.png"))
+    sd = load_sd(args.base, device=device)
+    finetuned = [sine.apply_finetuned(load_sd(args.base, device=device), path) for path in files]
+    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device)
+
+
+def render(args, s, autocast):
+    """Every seed and every (K, v) of the sweep, each PNG printed as soon as it is written."""
+    target = sine.target_prompt(args.target, s.metadata[0]["prompt"] if s.metadata else "")
+    encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(s.device))
     with torch.no_grad():
-        cond, uncond = encode(sd, target), encode(sd, "")
+        cond, uncond = encode(s.sd, target), encode(s.sd, "")
         guides = [sine.Guide(ft.unet, encode(ft, sine.training_prompt(meta["prompt"])),
-                             sine.full_position_map(ft.config.unet.model_channels, (height // 8, width // 8), device)
-                             if meta["position_map"] == "True" else None)
-                  for ft, meta in zip(finetuned, metadata)]
-    cli.say(f"target: {target!r}, {width}x{height}")
+                             sine.full_position_map(ft.config.unet.model_channels, (s.height // 8, s.width // 8),
+                                                    s.device) if meta["position_map"] == "True" else None)
+                  for ft, meta in zip(s.finetuned, s.metadata)]
+    cli.say(f"target: {target!r}, {s.width}x{s.height}")
 
-    for i in range(args.n):
-        seed = args.seed + i
+    for seed in range(args.seed, args.seed + args.n):
         cells = {}
-        for (r, K), (c, v) in itertools.product(enumerate(Ks), enumerate(vs)):
+        for (r, K), (c, v) in itertools.product(enumerate(s.Ks), enumerate(s.vs)):
             for guide, K_i, v_i in zip(guides, K, v):
                 guide.K, guide.v = K_i, v_i
             generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(device)
+            noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=generator).to(s.device)
             try:
-                with cli.out_of_memory_hint(f"{width}x{height} is too large for this device; lower --height/--width"):
-                    pixels = sine.edit(sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
+                with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
+                    pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
                                        autocast=autocast, tiled=args.tile_vae)
             except sine.NonFiniteSample as e:
-                cli.fail(f"{e} (seed {seed}, {label(K, v)}), so no PNG was written: check that --base is a "
-                         f"working SD v1 file{' and try without --bf16' if autocast else ''}")
-            parameters = {"target": target, "training_prompts": [m["prompt"] for m in metadata],
+                cli.fail(f"{e} (seed {seed}, {label(K, v)}), so no PNG was written for it: check that --base is "
+                         f"a working SD v1 file{' and try without --bf16' if autocast else ''}")
+            parameters = {"target": target, "training_prompts": [m["prompt"] for m in s.metadata],
                           "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,
-                          "steps": args.steps, "eta": args.eta, "seed": seed, "width": width, "height": height,
+                          "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
                           "bf16": autocast is not None,
-                          "base": os.path.basename(args.base), "finetuned": [os.path.basename(f) for f in files]}
+                          "base": os.path.basename(args.base), "finetuned": [os.path.basename(f) for f in s.files]}
             image = to_pil(pixels)
             stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")
-            print(write_png(image, args.out, stem, parameters))
+            yield write_png(image, args.out, stem, parameters)
             cells[r, c] = (image, label(K, v))
         if len(cells) > 1:
-            print(write_png(grid_image(cells, len(Ks), len(vs)), args.out, f"seed{seed}-grid",
-                            {"grid": "rows K, columns v", "K": args.K, "v": args.v, "seed": seed, "target": target}))
+            yield write_png(grid_image(cells, len(s.Ks), len(s.vs)), args.out, f"seed{seed}-grid",
+                            {"grid": "rows K, columns v", "K": args.K, "v": args.v, "seed": seed, "target": target})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.plain_warnings()
+    try:
+        setup = load(args)
+    except (ValueError, OSError) as e:
+        cli.fail(e)
+    cli.say(f"base: {setup.sd.description}")
+    autocast = sine.bf16_autocast(setup.device, args.bf16)
+    cli.say(f"precision: {'bf16 autocast' if autocast else 'fp32'} on {setup.device}")
+    for loaded in [setup.sd] + setup.finetuned:
+        sine.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
+    written = 0
+    try:
+        for path in render(args, setup, autocast):
+            print(path, flush=True)
+            written += 1
+    except KeyboardInterrupt:
+        cli.say(f"interrupted: the {written} PNG(s) written so far are kept")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

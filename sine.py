@@ -44,10 +44,13 @@ def training_prompt(prompt):
 
 
 def target_prompt(target, prompt):
-    """'... covered by snow' -> 'a photo of a castle covered by snow' (the training prompt without [*])."""
-    if not target.startswith("..."):
-        return target
-    return " ".join(prompt.replace(PLACEHOLDER, " ").split() + target[3:].split())
+    """'... covered by snow' -> 'a photo of a castle covered by snow' (the training prompt without [*]).
+
+    A typographic ellipsis, '…', as phones and word processors type it, counts as '...'."""
+    for ellipsis in ("...", "\u2026"):
+        if target.startswith(ellipsis):
+            return " ".join(prompt.replace(PLACEHOLDER, " ").split() + target[len(ellipsis):].split())
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +97,7 @@ def crop_position_map(full_map, crop_box, size):
 # 3. Patch-based fine-tuning (Sec. 3.3)
 
 def load_image(path, max_pixels=40_000_000):
-    """Any photo as RGB, with its EXIF rotation applied. Refuses decompression bombs."""
+    """Any photo as RGB, with its EXIF rotation applied and transparency on white. Refuses decompression bombs."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: {'is a directory, not an image' if os.path.isdir(path) else 'no such file'}")
     Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with a clearer message
@@ -110,6 +113,8 @@ def load_image(path, max_pixels=40_000_000):
             image = ImageOps.exif_transpose(image)
             if image.mode == "I;16" or image.mode == "I":  # 16-bit grey: scale to 8 bits before RGB
                 image = image.point(lambda v: v / 256).convert("L")
+            if image.has_transparency_data:  # transparent parts become white, as an image viewer shows them
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             return image.convert("RGB")
         except (OSError, SyntaxError):  # Pillow's errors for truncated or corrupt image data
             raise ValueError(f"{path} is damaged or truncated: Pillow cannot decode it") from None
@@ -285,6 +290,10 @@ def sine_eps(base_unet, cond, uncond, guides, scale):
     return eps_fn
 
 
+class NonFiniteSample(ArithmeticError):
+    """Sampling produced nan or inf: the models' weights or the settings are broken."""
+
+
 @torch.no_grad()
 def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generator=None, progress=True,
          autocast=None, tiled=None):
@@ -298,9 +307,6 @@ def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generato
         raise NonFiniteSample("the sample turned nan or inf during sampling")
     return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
 
-
-class NonFiniteSample(ArithmeticError):
-    """Sampling produced nan or inf: the models' weights or the settings are broken."""
 
 
 def full_position_map(channels, size, device=None):
@@ -387,11 +393,12 @@ def bf16_autocast(device, enabled=None):
     """A bfloat16 autocast region for the UNet and text encoder passes, or None for plain fp32.
 
     Weights and optimizer state stay fp32 either way (lr 1e-6 updates would vanish in bf16 weights),
-    and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that has bf16, off on
-    a CPU, where it is faster only on CPUs with bf16 instructions (AVX512-BF16, AMX) and changes the
-    output slightly; ask for it there with --bf16."""
+    and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that computes bf16
+    natively (compute capability 8.0, Ampere, or newer; older GPUs such as the T4 or V100 only
+    emulate it, slowly), off elsewhere. On a CPU it is faster only with bf16 instructions
+    (AVX512-BF16, AMX) and changes the output slightly; ask for it there with --bf16."""
     if enabled is None:
-        enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        enabled = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import tokenize
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +361,13 @@ ROWS = [
               words=["results", "folder", "--out"], inputs={"results/keep.txt": text_file}),
     train_row("train-resume-without-state", "photo.png", PROMPT, "--resume",
               words=["--resume", "photo.resume.safetensors", "--save-every"]),
+    train_row("train-seed-too-large", "photo.png", PROMPT, "--seed", "99999999999999999999",
+              words=["--seed", "18446744073709551615", "got 99999999999999999999"]),
+    train_row("train-device-gpu", "photo.png", PROMPT, "--device", "gpu", words=["--device gpu", "cuda", "cpu"]),
+    train_row("train-device-0", "photo.png", PROMPT, "--device", "0", words=["--device 0", "cuda:N"]),
+    train_row("train-device-mps", "photo.png", PROMPT, "--device", "mps", words=["--device mps", "Apple", "cpu"]),
+    train_row("prompt-where-the-photo-goes", PROMPT, "photo.png",
+              words=["the photo comes first", f'train.py photo.png "{PROMPT}"']),
     # edit.py: the fine-tuned file and the base
     edit_row("finetuned-pickle-ckpt", words=["ft.ckpt", *PICKLED], inputs={"ft.ckpt": pickle_p4},
              finetuned="ft.ckpt"),
@@ -380,7 +388,7 @@ ROWS = [
     edit_row("K-negative", words=["--K -1", "between 0 and 1000"], K="-1"),
     edit_row("v-above-1", words=["--v 1.5", "between 0.0 and 1.0"], v="1.5"),
     edit_row("v-negative", words=["--v -0.1", "between 0.0 and 1.0"], v="-0.1"),
-    edit_row("edit-steps-0", words=["--steps", "at least 1", "got 0"], steps="0"),
+    edit_row("edit-steps-0", words=["--steps", "from 1 to 1000", "got 0"], steps="0"),
     edit_row("scale-negative", words=["--scale", "0 or more", "got -1.0"], scale="-1"),
     edit_row("height-not-multiple", words=["--height 100", "multiple of 64", "nearest: 64 or 128"], height="100"),
     edit_row("width-below-64", words=["--width 30", "multiple of 64", "nearest: 64"], width="30"),
@@ -388,6 +396,16 @@ ROWS = [
     edit_row("height-absurd", words=["--height 64000", "4096", "nearest: 4096"], height="64000"),
     edit_row("edit-out-under-a-file", words=["blocker", "cannot write", "--out"], inputs={"blocker": regular_file},
              out="blocker/pngs"),
+    edit_row("edit-steps-2000", words=["--steps", "1 to 1000", "got 2000"], steps="2000"),
+    edit_row("edit-seed-too-large", words=["--seed", "got 99999999999999999999"], seed="99999999999999999999"),
+    edit_row("edit-seeds-past-the-last", words=["--seed", "18446744073709551614"], seed=str(2 ** 64 - 1), n="2"),
+    edit_row("edit-device-gpu", words=["--device gpu", "cuda", "cpu"], device="gpu"),
+    edit_row("edit-device-0", words=["--device 0", "cuda:N"], device="0"),
+    edit_row("edit-device-mps", words=["--device mps", "Apple", "cpu"], device="mps"),
+    edit_row("edit-out-names-a-png", words=["--out result.png", "names a file", "folder"], out="result.png"),
+    edit_row("edit-out-is-a-file", words=["--out notes", "names a file"], inputs={"notes": text_file}, out="notes"),
+    edit_row("target-with-identifier", words=["--target", "[*]", "pre-trained model", "..."],
+             target="a [*] castle in snow"),
 ]
 
 
@@ -515,7 +533,10 @@ def test_table_left_shared_files_alone(table):
 def test_table_covers_every_photo_mode_and_checkpoint_kind():
     """The issue's rows, by name: a row deleted from the table fails here."""
     ids = {r.id for r in ROWS}
-    needed = {"image-missing", "image-is-a-folder", "image-text-named-jpg", "image-over-40-megapixels",
+    needed = {"train-seed-too-large", "train-device-gpu", "train-device-0", "train-device-mps",
+              "prompt-where-the-photo-goes", "edit-steps-2000", "edit-seed-too-large", "edit-device-gpu",
+              "edit-device-0", "edit-device-mps", "edit-out-names-a-png", "target-with-identifier",
+              "image-missing", "image-is-a-folder", "image-text-named-jpg", "image-over-40-megapixels",
               "image-grayscale", "image-rgba", "image-palette", "image-cmyk", "image-16-bit", "image-exif-rotated",
               "prompt-without-identifier", "base-pickle-ckpt", "base-pickle-pt", "base-pickle-bin",
               "base-pickle-renamed", "finetuned-pickle-ckpt", "finetuned-pickle-renamed", "base-truncated",
@@ -531,7 +552,7 @@ def test_table_covers_every_photo_mode_and_checkpoint_kind():
 
 @pytest.mark.parametrize("maker, suffix, expected, tolerance", [
     (photo_gray, ".png", lambda: np.repeat(np.array(Image.fromarray(photo_array()).convert("L"))[..., None], 3, -1), 0),
-    (photo_rgba, ".png", photo_array, 0),
+    (photo_rgba, ".png", lambda: (photo_array().astype(float) * 90 + 255 * (255 - 90)) / 255, 0.5),  # alpha 90 over white
     (photo_palette, ".png", lambda: PALETTE[palette_indices()], 0),
     (photo_cmyk_jpeg, ".jpg", photo_array, 4),
     (photo_gray16, ".png", lambda: np.repeat((gray16_array() >> 8).astype(np.uint8)[..., None], 3, -1), 0),
@@ -676,32 +697,55 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(root, tmp_path):
     assert any(final[k].abs().max() > 0 for k in final), "no weight moved"
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(root, tmp_path):
+def start_training(root, cwd, out, *extra, steps, wait_for=None):
+    """Start train.py; return (process, stderr file) once it trains (or once wait_for exists)."""
+    log = open(os.path.join(cwd, f"stderr-{time.monotonic_ns()}.txt"), "w+")
+    process = subprocess.Popen(train_command(root, out, *extra, steps=steps), cwd=cwd, env=ENV,
+                               stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.time() + 300
+    ready = lambda: os.path.exists(wait_for) if wait_for else "fine-tuning" in Path(log.name).read_text()
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, f"train.py ended before it was interrupted:\n{Path(log.name).read_text()}"
+    return process, log
+
+
+def finish(process, log):
+    try:
+        stdout, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log.close()
+    return stdout, Path(log.name).read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_saves_exits_nonzero_and_says_how_to_resume(root, tmp_path, signum):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd, out = str(tmp_path), tmp_path / "ft" / "castle.safetensors"
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err:
-        process = subprocess.Popen(train_command(root, "ft/castle.safetensors", steps=3), cwd=cwd, env=ENV,
-                                   stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            deadline = time.time() + 300
-            while "fine-tuning" not in log.read_text() and process.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
-            process.send_signal(signal.SIGINT)
-            stdout, _ = process.communicate(timeout=300)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    stderr = log.read_text()
-    assert process.returncode == 0, stderr[-2000:]
+    process, log = start_training(root, cwd, "ft/castle.safetensors", steps=3)
+    process.send_signal(signum)
+    stdout, stderr = finish(process, log)
+    assert process.returncode == 128 + signum, stderr[-2000:]  # 130 and 143, as shells expect
+    assert stdout == "", "nothing on stdout: a chained command must not take the model as finished"
     assert "Traceback" not in stderr
-    assert stdout.strip() == "ft/castle.safetensors"
-    (line,) = [l for l in stderr.splitlines() if "interrupted at step" in l]
+    name = signal.Signals(signum).name
+    (stopping,) = [i for i, l in enumerate(stderr.splitlines()) if l.startswith(f"{name}: stopping after this step")]
+    (said,) = [i for i, l in enumerate(stderr.splitlines()) if "interrupted at step" in l]
+    assert stopping < said
+    line = stderr.splitlines()[said]
     assert "--resume" in line and "ft/castle.safetensors" in line
     _, metadata = load_tensors(str(out))
     _, state_metadata = load_tensors(str(tmp_path / "ft" / "castle.resume.safetensors"))
     step = int(metadata["steps"])  # 1 unless the signal beat the first step
-    assert step < 3 and state_metadata["step"] == str(step)
+    assert step < 3 and state_metadata["step"] == str(step) and metadata["planned_steps"] == "3"
+
+    # edit.py says that the model is unfinished, and goes on
+    result = run(root, "edit.py", "--target", "... in snow", "--finetuned", str(out), "--steps", "1",
+                 "--height", "64", "--width", "64", "--out", "pngs", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"unfinished, trained for {step} of 3 steps" in result.stderr
 
     # The printed command continues the run to the end.
     command = shlex.split(line.split("continue with: ", 1)[1])
@@ -709,9 +753,115 @@ def test_ctrl_c_saves_and_says_how_to_resume(root, tmp_path):
     result = subprocess.run(script(root, "train.py") + command[2:], cwd=cwd, env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ft/castle.safetensors"
     _, metadata = load_tensors(str(out))
-    assert metadata["steps"] == "3"
+    assert metadata["steps"] == metadata["planned_steps"] == "3"
     assert not (tmp_path / "ft" / "castle.resume.safetensors").exists()
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(root, tmp_path):
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd = str(tmp_path)
+    reference = subprocess.Popen(train_command(root, "ref/castle.safetensors", steps=3), cwd=cwd, env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process, log = start_training(root, cwd, "cut/castle.safetensors", steps=3)
+    process.send_signal(signal.SIGTERM)
+    finish(process, log)
+    assert process.returncode == 143
+    resumed = subprocess.run(train_command(root, "cut/castle.safetensors", "--resume", steps=3), cwd=cwd, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+    final, metadata = load_tensors(str(tmp_path / "cut" / "castle.safetensors"))
+    expected, _ = load_tensors(str(tmp_path / "ref" / "castle.safetensors"))
+    assert metadata["steps"] == "3"
+    different = [k for k in final if not torch.equal(final[k], expected[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def test_chained_edit_does_not_run_after_an_interrupted_training(root, tmp_path):
+    """Ctrl-C in a terminal reaches the whole foreground process group: here the shell and train.py."""
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    chain = (shlex.join(train_command(root, "ft/castle.safetensors", steps=3)) + " && " +
+             shlex.join(script(root, "edit.py") + ["--target", "... in snow", "--finetuned", "ft/castle.safetensors",
+                                                  "--steps", "1", "--height", "64", "--width", "64", "--out", "pngs"]))
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        shell = subprocess.Popen(["bash", "-c", chain], cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE,
+                                 stderr=err, text=True, start_new_session=True)
+        deadline = time.time() + 300
+        while "fine-tuning" not in log.read_text() and shell.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(shell.pid, signal.SIGINT)
+        stdout, _ = shell.communicate(timeout=300)
+    assert shell.returncode != 0 and stdout == "", log.read_text()[-2000:]
+    assert not (tmp_path / "pngs").exists(), "edit.py ran on an unfinished model"
+    assert (tmp_path / "ft" / "castle.safetensors").exists(), "the interrupted run saved"
+
+
+def test_second_ctrl_c_stops_at_once_and_keeps_the_last_save(root, tmp_path):
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd, out = str(tmp_path), tmp_path / "ft" / "castle.safetensors"
+    process, log = start_training(root, cwd, "ft/castle.safetensors", "--save-every", "1", steps=50,
+                                  wait_for=str(tmp_path / "ft" / "castle.resume.safetensors"))
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = finish(process, log)
+    assert process.returncode == 130 and stdout == "", stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not [n for n in os.listdir(out.parent) if n.startswith(".tmp")], "a half-written file was left"
+    tensors, metadata = load_tensors(str(out))  # whichever save is there is whole
+    assert int(metadata["steps"]) < 50 and all(torch.isfinite(t).all() for t in tensors.values())
+    if "stopped at once" in stderr:
+        assert "the last save, ft/castle.safetensors, is kept" in stderr
+
+
+def resume_refusals():
+    other_photo = lambda path, root: Image.fromarray(photo_array()[::-1].copy()).save(path)
+    return [
+        (["--resume", "--lr", "1e-3"], {}, ["--lr 0.001 (saved: 0.0001)"]),
+        (["--resume", "--seed", "7"], {}, ["--seed 7 (saved: 3)"]),
+        (["--resume", "--no-patch"], {}, ["patch-based training off (saved: on)"]),
+        (["--resume", "--base", "{other_base}"], {}, ["--base is not the one it started with"]),
+        (["--resume", "--image", "flipped.png"], {"flipped.png": other_photo}, ["the photo is not the one"]),
+        (["--resume", "--prompt", "a photo of a [*] tower", "--lr", "1e-5"], {},
+         ["the prompt 'a photo of a [*] tower' (saved: 'a photo of a [*] castle')", "--lr 1e-05 (saved: 0.0001)"]),
+        (["--resume", "--steps", "1"], {}, ["--steps 1 is below the", "steps this run has done"]),
+    ]
+
+
+def test_resume_refuses_changed_arguments_and_a_smaller_plan(root, tmp_path):
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd = str(tmp_path)
+    state = tmp_path / "ft" / "castle.resume.safetensors"
+    process, log = start_training(root, cwd, "ft/castle.safetensors", "--save-every", "2", steps=6,
+                                  wait_for=str(state))
+    process.send_signal(signal.SIGTERM)
+    finish(process, log)
+    assert process.returncode == 143
+    for extra, inputs, words in resume_refusals():
+        for name, make in inputs.items():
+            make(os.path.join(cwd, name), root)
+        image = extra[extra.index("--image") + 1] if "--image" in extra else "photo.png"
+        prompt = extra[extra.index("--prompt") + 1] if "--prompt" in extra else PROMPT
+        options = [fill(a, root) for a in extra if a not in ("--image", image, "--prompt", prompt)]
+        before = snapshot(cwd)
+        result = subprocess.run(script(root, "train.py") + [image, prompt, "--lr", "1e-4", "--seed", "3",
+                                                            "--out", "ft/castle.safetensors", *options],
+                                cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+        line = error_line(result.stderr)
+        assert result.returncode != 0 and result.stdout == "", line
+        for word in words:
+            assert word in line, f"{word!r} not in: {line}"
+        assert not changes(before, snapshot(cwd)), f"{extra} changed files"
+
+    # A larger --steps extends the run.
+    result = subprocess.run(train_command(root, "ft/castle.safetensors", "--resume", steps=7), cwd=cwd, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, metadata = load_tensors(str(tmp_path / "ft" / "castle.safetensors"))
+    assert metadata["steps"] == metadata["planned_steps"] == "7"
 
 
 @pytest.fixture
@@ -723,7 +873,8 @@ def tiny_training(root, monkeypatch, tmp_path):
     for module in sine.trainable_parts(sd).values():
         module.requires_grad_(True)
     optimizers = sine.adamw_in_backward([p for _, p in train.trainable_parameters(sd)], lr=1e-6)
-    args = train.parse_args(["photo.png", PROMPT, "--out", str(tmp_path / "ft.safetensors"), "--base", base])
+    args = train.parse_args(["photo.png", PROMPT, "--out", str(tmp_path / "ft.safetensors"), "--base", base,
+                             "--steps", "10"])
     return args, sd, optimizers, torch.Generator().manual_seed(0)
 
 
@@ -752,7 +903,7 @@ def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tm
         monkeypatch.setattr(train, "save_file", half_then_full)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        train.save(args, sd, optimizers, generator, 7, (W, H), resumable=True)
+        train.save(args, sd, optimizers, generator, 7, Image.fromarray(photo_array()), resumable=True)
     line = exit_message(exit_info)
     assert capsys.readouterr().err == ""
     assert "No space left on device" in line and args.out in line and "intact" in line, line
@@ -995,3 +1146,57 @@ def test_a_sample_that_turns_nan_writes_no_png(root, tmp_path):
     assert result.returncode != 0 and result.stdout == ""
     assert "nan or inf" in line and "no PNG" in line, line
     assert not os.path.exists(tmp_path / "pngs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Surprises: what an experienced SD user expects
+
+def test_typographic_ellipsis_continues_the_training_prompt():
+    assert sine.target_prompt("\u2026 wearing a hat", "a photo of a [*] cat") == "a photo of a cat wearing a hat"
+    assert sine.target_prompt("... wearing a hat", "a photo of a [*] cat") == "a photo of a cat wearing a hat"
+
+
+@pytest.mark.parametrize("height, width, expected", [(None, 512, (320, 512)), (512, None, (512, 768)),
+                                                     (None, None, (512, 768)), (256, 1024, (256, 1024))])
+def test_one_given_side_keeps_the_photos_aspect(height, width, expected):
+    assert edit.default_size((451, 300), height, width) == expected  # (w, h) of the photo -> (height, width)
+
+
+@pytest.mark.parametrize("capability, native", [((6, 1), False), ((7, 0), False), ((7, 5), False), ((8, 0), True),
+                                                ((9, 0), True)], ids=["P100", "V100", "T4", "A100", "H100"])
+def test_bf16_by_default_only_on_gpus_that_compute_it_natively(monkeypatch, capability, native):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what torch says even on a T4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU-only torch warns that CUDA autocast is unavailable
+        assert (sine.bf16_autocast(torch.device("cuda")) is not None) == native
+        assert sine.bf16_autocast(torch.device("cuda"), enabled=True) is not None  # --bf16 still asks for it
+    assert sine.bf16_autocast(torch.device("cpu")) is None
+
+
+def test_a_long_prompt_warns_in_one_plain_line(root, tmp_path):
+    result = run(root, "edit.py", "--target", " ".join(["castle"] * 90), "--finetuned", "none", "--steps", "1",
+                 "--height", "64", "--width", "64", "--out", "pngs", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "75 tokens" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: CLIP reads at most 75 tokens"), result.stderr
+    assert "UserWarning" not in result.stderr and "warn(" not in result.stderr
+    assert "precision: fp32 on cpu" in result.stderr  # the choice, said once
+
+
+def test_ctrl_c_in_edit_keeps_the_pngs_written(root, tmp_path):
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        process = subprocess.Popen(script(root, "edit.py") + ["--target", "a castle", "--finetuned", "none",
+                                   "--steps", "3", "--height", "64", "--width", "64", "--n", "200", "--out", "pngs"],
+                                   cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+        first = process.stdout.readline().strip()  # the first PNG is written
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=300)
+    stderr = log.read_text()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    printed = [first] + rest.split()
+    assert all(os.path.isfile(tmp_path / p) for p in printed)
+    assert sorted(os.listdir(tmp_path / "pngs")) == sorted(os.path.basename(p) for p in printed)
+    assert f"the {len(printed)} PNG(s) written so far are kept" in stderr.splitlines()[-1]

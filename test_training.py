@@ -15,24 +15,10 @@ from PIL import Image
 import sine
 from model import load_sd
 from model.schedule import alphas_cumprod
-from model.tiny import TINY, write_checkpoint
+from model.tiny import TINY
+from test_sine import base_path, one_thread, trainable  # noqa: F401 (fixtures: a tiny checkpoint, one thread)
 
 PROMPT = "a photo of a [*] castle"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("training") / "tiny.safetensors"
-    write_checkpoint(path, TINY, seed=0)
-    return str(path)
 
 
 def trainable_model(base_path, checkpointing=False):
@@ -41,10 +27,6 @@ def trainable_model(base_path, checkpointing=False):
         module.train().requires_grad_(True)
     sd.unet.gradient_checkpointing = checkpointing
     return sd
-
-
-def trainable(sd):
-    return [p for m in sine.trainable_parts(sd).values() for p in m.parameters()]
 
 
 def canvas():

@@ -7,19 +7,21 @@ edit.py needs (prompt, position map on or off, image size, which base). `--no-pa
 paper's whole-image ablation: 800 steps, no position map.
 """
 import argparse
+import hashlib
+import json
 import os
 import shlex
 import signal
 import sys
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
 import sine
 from model import load_sd, read_header
+from model.loader import fingerprint, iter_tensors
 from model.schedule import alphas_cumprod
 
 
@@ -30,23 +32,23 @@ def parse_args(argv=None):
     p.add_argument("--no-patch", action="store_true", help="whole-image ablation: no crops, no position map")
     p.add_argument("--base", help="SD v1 .safetensors (default: the one file in weights/)")
     p.add_argument("--out", help="fine-tuned file to write (default: finetuned/<image name>.safetensors)")
-    p.add_argument("--steps", type=int, help="default 10000 with patches, 800 with --no-patch")
+    p.add_argument("--steps", type=int, help="default 10000 with patches, 800 with --no-patch; "
+                                             "with --resume, the run's own (a larger number extends it)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="every N steps save the weights and a resume state (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the resume state saved beside --out")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward: a lower peak, at little cost (default: on)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="forward and backward in bfloat16 autocast; weights and AdamW state stay fp32 "
-                        "(default: on with CUDA, off on CPU)")
+                        "(default: on with a GPU of compute capability 8.0 or newer, off elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first step is slow)")
     args = p.parse_args(argv)
     args.patch = not args.no_patch
-    args.steps = args.steps if args.steps is not None else (10_000 if args.patch else 800)
     base_name = os.path.splitext(os.path.basename(args.image))[0]
     args.out = args.out or os.path.join(cli.FINETUNED_DIR, base_name + ("" if args.patch else "-nopatch") + ".safetensors")
     return args
@@ -58,12 +60,16 @@ def resume_path(out):
 
 def check_args(args):
     """Everything a user can get wrong, checked before any weight is loaded."""
-    if args.steps < 1:
+    if sine.PLACEHOLDER in args.image or (not os.path.exists(args.image) and os.path.isfile(args.prompt)):
+        raise ValueError(f'the photo comes first and the prompt second: train.py {shlex.quote(args.prompt)} '
+                         f'"{args.image}"')
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
     if not 0 < args.lr < float("inf"):  # also refuses nan
         raise ValueError(f"--lr must be a positive number (got {args.lr})")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 or more (got {args.save_every})")
+    cli.check_seed(args.seed)
     sine.training_prompt(args.prompt)
     if args.resume and not os.path.exists(resume_path(args.out)):
         raise ValueError(f"--resume: no resume state at {resume_path(args.out)}; train with --save-every N to make one")
@@ -78,15 +84,50 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# Resuming: the same run, or a refusal that names what differs
+
+def run_identity(args, image):
+    """Every argument that shapes the run's numbers; the photo by its pixels, the base by its contents."""
+    return {"photo": hashlib.sha256(image.tobytes()).hexdigest()[:16] + f" {image.width}x{image.height}",
+            "prompt": args.prompt, "patch": args.patch, "lr": args.lr, "seed": args.seed,
+            "base": fingerprint(args.base)}
+
+
+SHAPING = {"photo": "the photo", "prompt": "the prompt", "patch": "patch-based training", "lr": "--lr",
+           "seed": "--seed", "base": "--base"}
+
+
+def check_resume(args, image):
+    """--resume continues the saved run only with its own arguments; set args.steps to the plan."""
+    metadata = read_header(resume_path(args.out)).get("__metadata__") or {}
+    if "run" not in metadata:
+        raise ValueError(f"{resume_path(args.out)} was saved by an older version of train.py and cannot be "
+                         "checked: start a new run")
+    saved, now, done = json.loads(metadata["run"]), run_identity(args, image), int(metadata["step"])
+    shown = lambda key, value: ("on" if value else "off") if key == "patch" else repr(value)
+    differ = [f"{name} is not the one it started with" if key in ("photo", "base") else
+              f"{name} {shown(key, now[key])} (saved: {shown(key, saved.get(key))})"
+              for key, name in SHAPING.items() if now[key] != saved.get(key)]
+    if differ:
+        raise ValueError(f"--resume continues a run started with other arguments: {'; '.join(differ)}. "
+                         "Resume with the saved ones, or start a new run with another --out")
+    if args.steps is not None and args.steps < done:
+        raise ValueError(f"--steps {args.steps} is below the {done} steps this run has done: give more, or leave "
+                         f"--steps out to finish its plan of {metadata['planned_steps']}")
+    args.steps = args.steps or int(metadata["planned_steps"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Saving: the fine-tuned file (small, for edit.py) and a resume state (exact, for --resume)
 
-def save(args, sd, optimizers, generator, step, image_size, resumable):
+def save(args, sd, optimizers, generator, step, image, resumable):
     try:
         sine.save_finetuned(args.out, sd, args.base, {
-            "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image_size[0]}x{image_size[1]}",
-            "steps": step, "seed": args.seed, "lr": args.lr})
+            "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image.width}x{image.height}",
+            "steps": step, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr})
         if resumable:  # written last: a resume state on disk means its save completed
-            save_resume_state(resume_path(args.out), sd, optimizers, generator, step)
+            save_resume_state(resume_path(args.out), sd, optimizers, generator, step, {
+                "step": str(step), "planned_steps": str(args.steps), "run": json.dumps(run_identity(args, image))})
     except OSError as e:
         cli.fail(f"could not save step {step} to {args.out} ({e.strerror or e}); files saved earlier are intact")
     except sine.NonFiniteWeights as e:
@@ -102,32 +143,37 @@ def diverged(args, what):
              f"{', or train without --bf16' if args.bf16 else ''}; {kept}")
 
 
-def save_resume_state(path, sd, optimizers, generator, step):
+def save_resume_state(path, sd, optimizers, generator, step, metadata):
     """Exact fp32 weights, AdamW moments and the RNG: all a bitwise-identical continuation needs."""
     tensors = {"rng": generator.get_state()}
-    params = list(trainable_parameters(sd))
-    for i, (name, param) in enumerate(params):
+    for i, (name, param) in enumerate(trainable_parameters(sd)):
         tensors[f"weight.{name}"] = param.detach().cpu()
         state = optimizers[param].state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in state:
                 tensors[f"{key}.{i}"] = state[key].detach().cpu().reshape(state[key].shape)
     with sine.atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"step": str(step)})
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def load_resume_state(path, sd, optimizers, generator):
-    params = list(trainable_parameters(sd))
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        with torch.no_grad():
-            for i, (name, param) in enumerate(params):
-                param.copy_(f.get_tensor(f"weight.{name}"))
-                if f"step.{i}" in keys:
-                    optimizers[param].state[param] = {k: f.get_tensor(f"{k}.{i}").to(param.device if k != "step" else "cpu")
-                                              for k in ("step", "exp_avg", "exp_avg_sq")}
-        generator.set_state(f.get_tensor("rng"))
-        return int(f.metadata()["step"])
+    """The saved run's weights, AdamW state and RNG, read one tensor at a time (no memory-mapped file)."""
+    header = read_header(path)
+    params = dict(trainable_parameters(sd))
+    numbered = list(params.values())
+    with torch.no_grad():
+        for key, tensor in iter_tensors(path, header, {k: k for k in header if k != "__metadata__"}, dtype=None):
+            kind, _, name = key.partition(".")
+            if kind == "rng":
+                generator.set_state(tensor)
+            elif kind == "weight":
+                params[name].copy_(tensor)
+            else:  # exp_avg.i, exp_avg_sq.i, step.i: AdamW's state of parameter i
+                param = numbered[int(name)]
+                optimizer = optimizers[param]
+                on_device = kind != "step" or optimizer.defaults["fused"]  # fused AdamW keeps step on the device
+                optimizer.state[param][kind] = tensor.to(param.device if on_device else "cpu")
+    return int(header["__metadata__"]["step"])
 
 
 def trainable_parameters(sd):
@@ -143,26 +189,51 @@ def resume_command(argv):
     return "python " + shlex.join(["train.py", *[a for a in argv if a not in ("--resume", "--overwrite")], "--resume"])
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        cli.use_huge_pages()
-        image = sine.load_image(args.image)
-        device = cli.pick_device(args.device)
-        args.base = cli.find_base(args.base)
-        sd = load_sd(args.base, device=device)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-        cli.fail(e)
-    cli.say(f"base: {sd.description}")
+class Stop:
+    """Ctrl-C or SIGTERM (docker stop, Slurm, a preempted cloud machine): finish the current step,
+    save, and exit with 130 or 143, as shells expect, so that `train.py ... && edit.py ...` stops.
+    A second Ctrl-C stops at once; the last save stays."""
 
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, then saving "
+                   "(Ctrl-C again stops at once)", file=sys.stderr)
+
+
+def memory_hint(checkpointing):
+    # Measured on a CPU in fp32 (BENCHMARKS.md): 13.4 GB with checkpointing, 14.6 GB without.
+    if checkpointing:
+        return "fine-tuning SD v1 needs about 13.5 GB: use a machine or GPU with more memory"
+    return ("fine-tuning SD v1 needs about 14.6 GB without --grad-checkpointing: turn it on, or use a machine "
+            "or GPU with more memory")
+
+
+def load(args):
+    """Check every argument, then load the base: (photo, device, model)."""
+    check_args(args)
+    cli.use_huge_pages()
+    image = sine.load_image(args.image)
+    device = cli.pick_device(args.device)
+    args.base = cli.find_base(args.base)
+    if args.resume:
+        check_resume(args, image)
+    args.steps = args.steps or (10_000 if args.patch else 800)
+    return image, device, load_sd(args.base, device=device)
+
+
+def train(args, sd, image, device, stop):
+    """The fine-tuning loop, from the resume state if asked; saves, and returns the last step done."""
     for module in sine.trainable_parts(sd).values():
         module.train().requires_grad_(True)
-    # Measured on a CPU in fp32 (BENCHMARKS.md): 13.4 GB with checkpointing, 14.6 GB without.
-    memory_hint = ("fine-tuning SD v1 needs about 13.5 GB: use a machine or GPU with more memory"
-                   if args.grad_checkpointing else "fine-tuning SD v1 needs about 14.6 GB without "
-                   "--grad-checkpointing: turn it on, or use a machine or GPU with more memory")
     sd.unet.gradient_checkpointing = args.grad_checkpointing
     optimizers = sine.adamw_in_backward([p for _, p in trainable_parameters(sd)], args.lr, weight_decay=0.01,
                                         fused=device.type == "cuda")
@@ -173,16 +244,14 @@ def main(argv=None):
     alphas = alphas_cumprod().to(device)
     autocast = sine.bf16_autocast(device, args.bf16)
     args.bf16 = autocast is not None  # as chosen, for the messages
+    cli.say(f"precision: {'bf16 autocast, fp32 weights' if autocast else 'fp32'} on {device}")
     sine.speed_up(sd.unet, compile=args.compile)
-    start = load_resume_state(resume_path(args.out), sd, optimizers, generator) if args.resume else 0
+    step = load_resume_state(resume_path(args.out), sd, optimizers, generator) if args.resume else 0
 
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the step, then save
-    step = start
-    with tqdm(total=args.steps, initial=start, desc="fine-tuning") as bar:  # closed before any error prints
-        while step < args.steps and not interrupted:
+    with tqdm(total=args.steps, initial=step, desc="fine-tuning") as bar:  # closed before any error prints
+        while step < args.steps and not stop.signal:
             try:
-                with cli.out_of_memory_hint(memory_hint):
+                with cli.out_of_memory_hint(memory_hint(args.grad_checkpointing)):
                     loss = sine.training_step(sd, canvas, ids, args.patch, generator, alphas, full_map, autocast)
             except sine.NonFiniteLoss as e:
                 diverged(args, f"the loss became {e} at step {step + 1}")
@@ -190,10 +259,33 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if args.save_every and step % args.save_every == 0 and step < args.steps:
-                save(args, sd, optimizers, generator, step, image.size, resumable=True)
-    save(args, sd, optimizers, generator, step, image.size, resumable=bool(interrupted))
-    if interrupted:
-        cli.say(f"interrupted at step {step}, saved {args.out}; continue with: {resume_command(argv)}")
+                save(args, sd, optimizers, generator, step, image, resumable=True)
+    save(args, sd, optimizers, generator, step, image, resumable=step < args.steps)
+    return step
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    cli.plain_warnings()
+    try:
+        image, device, sd = load(args)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        cli.fail(e)
+    except KeyboardInterrupt:
+        cli.say("stopped before training began; nothing was saved")
+        sys.exit(130)
+    cli.say(f"base: {sd.description}")
+    stop = Stop()
+    try:
+        step = train(args, sd, image, device, stop)
+    except KeyboardInterrupt:
+        kept = f"the last save, {args.out}, is kept" if os.path.exists(args.out) else "nothing was saved"
+        cli.say(f"stopped at once: {kept}")
+        sys.exit(130)
+    if stop.signal and step < args.steps:
+        cli.say(f"interrupted at step {step} of {args.steps}, saved {args.out}; continue with: {resume_command(argv)}")
+        sys.exit(128 + stop.signal)
     print(args.out)
 
 

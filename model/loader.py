@@ -213,7 +213,8 @@ FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 def iter_tensors(path, header, names, device="cpu", dtype=torch.float32):
     """(name, tensor) for names = {name: file key}, one at a time, each read with one read() into
-    memory of its own and then converted, so loading peaks at the loaded model plus one tensor.
+    memory of its own and then converted (dtype None: kept as stored), so loading peaks at the
+    loaded model plus one tensor.
     (safetensors' get_tensor maps the file instead: the whole file then counts as the process's
     memory for as long as the file is open or any of its tensors lives.)"""
     with open(path, "rb") as f:
@@ -229,7 +230,7 @@ def iter_tensors(path, header, names, device="cpu", dtype=torch.float32):
             f.seek(8 + header_len + begin)
             if f.readinto(raw.numpy()) != end - begin:  # the file shrank since read_header checked it
                 raise CheckpointError(f"{path} is truncated: {key} is incomplete. Download it again.")
-            yield name, raw.view(file_dtype).reshape(entry["shape"]).to(device=device, dtype=dtype)
+            yield name, raw.view(file_dtype).reshape(entry["shape"]).to(device=device, dtype=dtype or file_dtype)
 
 
 def write_safetensors(f, shapes, tensors, metadata, dtype=torch.float16):
