@@ -12,6 +12,7 @@ import concurrent.futures
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shlex
@@ -1200,3 +1201,14 @@ def test_ctrl_c_in_edit_keeps_the_pngs_written(root, tmp_path):
     assert all(os.path.isfile(tmp_path / p) for p in printed)
     assert sorted(os.listdir(tmp_path / "pngs")) == sorted(os.path.basename(p) for p in printed)
     assert f"the {len(printed)} PNG(s) written so far are kept" in stderr.splitlines()[-1]
+
+
+def test_edit_reads_an_ellipsis_and_keeps_the_aspect_of_one_given_side(root, tmp_path):
+    """Through the CLI: "…" continues the training prompt; --width alone keeps the photo's 4:3."""
+    result = run(root, "edit.py", "--target", "\u2026 in snow", "--finetuned", os.path.join(root, "finetuned.safetensors"),
+                 "--steps", "1", "--width", "256", "--out", "pngs", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (path,) = result.stdout.split()
+    with Image.open(tmp_path / path) as image:
+        assert image.size == (256, 192)  # the photo is 64 x 48
+        assert json.loads(image.text["parameters"])["target"] == "a photo of a castle in snow"
