@@ -193,10 +193,10 @@ def ours_load(job, device, finetuned=False):
 
 
 def ours_unet(job, device):
+    import cli
     import model.attention
-    import sine
     sd = ours_load(job, device)
-    unet = sine.speed_up(sd.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
+    unet = cli.speed_up(sd.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
     del sd
     model.attention.USE_SDPA = job.sdpa
     x, t, context = unet_inputs(job, device)
@@ -205,13 +205,14 @@ def ours_unet(job, device):
 
 def ours_edit(job, device):
     """What edit.py's main does for one image, minus argument checks and the PNG."""
+    import cli
     import model.attention
     import sine
     sd, ft = ours_load(job, device), ours_load(job, device, finetuned=True)
     for loaded in (sd, ft):
-        sine.speed_up(loaded.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
+        cli.speed_up(loaded.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
     model.attention.USE_SDPA = job.sdpa
-    region = sine.bf16_autocast(device, job.bf16)
+    region = cli.bf16_autocast(device, job.bf16)
     latent = (job.size // 8, job.size // 8)
 
     @torch.no_grad()
@@ -231,6 +232,7 @@ def ours_edit(job, device):
 def ours_train(job, device):
     """What train.py's main does per step (patch mode). With job.adamw_after_backward, the step as it
     was before AdamW moved into backward: one AdamW over all parameters once every gradient is in."""
+    import cli
     import sine
     sd = ours_load(job, device)
     params = [p for module in sine.trainable_parts(sd).values() for p in module.train().requires_grad_(True).parameters()]
@@ -240,9 +242,9 @@ def ours_train(job, device):
         time_optimizer(optimizer, device, ADAMW_TIMES)
     else:
         sine.adamw_in_backward(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
-    sine.speed_up(sd.unet, compile=job.compile)
+    cli.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
-    region = sine.bf16_autocast(device, job.bf16)
+    region = cli.bf16_autocast(device, job.bf16)
 
     def step():
         loss = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
@@ -555,12 +557,13 @@ def trainpy_worker(job, result):
 def big_worker(job, device, result):
     """The peak memory of a job.size x job.size edit: both models loaded, one guided DDIM step
     (a batch-2 base pass and a fine-tuned pass), then the VAE decode, tiled as edit.py does."""
+    import cli
     import sine
     sd, ft = ours_load(job, device), ours_load(job, device, finetuned=True)
     for loaded in (sd, ft):
-        sine.speed_up(loaded.unet, bf16_weights=job.bf16)
+        cli.speed_up(loaded.unet, bf16_weights=job.bf16)
     latent = (job.size // 8, job.size // 8)
-    region = sine.bf16_autocast(device, job.bf16)
+    region = cli.bf16_autocast(device, job.bf16)
     with torch.no_grad():
         cond = uncond = sd.text_encoder(sd.tokenizer([""]).to(device))
         guide = sine.Guide(ft.unet, cond, sine.full_position_map(sd.config.unet.model_channels, latent, device), v=V, K=0)

@@ -1,5 +1,5 @@
-"""What train.py and edit.py share: finding files, choosing a device, memory pages, and failing
-politely: checked arguments, one-line warnings.
+"""What train.py and edit.py share: finding files, choosing a device, memory pages, failing
+politely (checked arguments, one-line warnings), reading any photo, and the speed switches.
 
 A user's mistake ends the program with one line on stderr that says what to do, never a traceback.
 """
@@ -12,6 +12,7 @@ import warnings
 from contextlib import contextmanager
 
 import torch
+from PIL import Image, ImageOps
 
 from model.loader import CheckpointError, read_header
 
@@ -123,3 +124,66 @@ def check_writable_folder(path):
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise ValueError(f"cannot write to {folder} ({e.strerror}): choose another place with --out") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos
+
+def load_image(path, max_pixels=40_000_000):
+    """Any photo as RGB, with its EXIF rotation applied and transparency on white. Refuses decompression bombs."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'is a directory, not an image' if os.path.isdir(path) else 'no such file'}")
+    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with a clearer message
+    try:
+        image = Image.open(path)
+    except OSError:
+        raise ValueError(f"{path} is not an image that Pillow can read (JPEG, PNG, WebP, ...)") from None
+    with image:
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"{path} is {image.width}x{image.height}, over {max_pixels // 1_000_000} "
+                             "megapixels; resize it first")
+        try:
+            image = ImageOps.exif_transpose(image)
+            if image.mode == "I;16" or image.mode == "I":  # 16-bit grey: scale to 8 bits before RGB
+                image = image.point(lambda v: v / 256).convert("L")
+            if image.has_transparency_data:  # transparent parts become white, as an image viewer shows them
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+            return image.convert("RGB")
+        except (OSError, SyntaxError):  # Pillow's errors for truncated or corrupt image data
+            raise ValueError(f"{path} is damaged or truncated: Pillow cannot decode it") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed switches (bench.py measures each, test_fastpaths.py checks each)
+
+def bf16_autocast(device, enabled=None):
+    """A bfloat16 autocast region for the UNet and text encoder passes, or None for plain fp32.
+
+    Weights and optimizer state stay fp32 either way (lr 1e-6 updates would vanish in bf16 weights),
+    and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that computes bf16
+    natively (compute capability 8.0, Ampere, or newer; older GPUs such as the T4 or V100 only
+    emulate it, slowly), off elsewhere. On a CPU it is faster only with bf16 instructions
+    (AVX512-BF16, AMX) and changes the output slightly; ask for it there with --bf16."""
+    if enabled is None:
+        enabled = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
+
+
+def speed_up(unet, channels_last=False, compile=False, bf16_weights=False):
+    """Optional, in place. channels_last stores conv weights (and so activations) as NHWC, which
+    some conv kernels prefer; compile has torch.compile fuse the UNet (minutes for the first call).
+
+    bf16_weights, for sampling under bf16 autocast only (the weights are frozen there): autocast
+    would round every Linear and Conv weight to bf16 on every call, 1.7 GB of casts per UNet pass;
+    rounding them once gives bitwise the same numbers, faster, in half the memory. Norm layers keep
+    fp32 parameters, which autocast computes in fp32. Never for training: lr 1e-6 updates vanish in
+    bf16 weights, so training keeps fp32 master weights and lets autocast cast them."""
+    if bf16_weights:
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.to(torch.bfloat16)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile:
+        unet.compile()  # in place, so state_dict() keys stay the checkpoint's
+    return unet

@@ -21,7 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import cli
 import sine
-from model import load_sd, read_header
+from model import LATENT_SCALE, load_sd, read_header
 from model.loader import check_sd_v1, fingerprint
 
 
@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SINE model-guided editing.")
     p.add_argument("--target", required=True, help='the edit, e.g. "... covered by snow"')
     p.add_argument("--finetuned", nargs="+", help="fine-tuned file(s) from train.py (default: the newest); none: plain SD")
+    p.add_argument("--finetuned-prompt", nargs="+", metavar="PROMPT",
+                   help='what the fine-tuned model is asked for while it guides, with [*] (default: its training '
+                        'prompt); one per --finetuned file. Content removal (Sec. 4.4) gives "a [*] dog" here')
     p.add_argument("--base", help="SD v1 .safetensors (default: the one file in weights/)")
     p.add_argument("--K", default="400", help="guide with the fine-tuned model while t > K (0..1000); a list sweeps")
     p.add_argument("--v", default="0.7", help="share of the pre-trained prediction (0..1); a list sweeps")
@@ -46,6 +49,9 @@ def parse_args(argv=None):
                         "encoder and VAE stay fp32 (default: on with CUDA, off on CPU)")
     p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
+    p.add_argument("--strip", action="store_true",
+                   help="also save each image's steps: every DDIM step's predicted clean image, guided steps "
+                        "marked (one VAE decode per step)")
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the UNets' convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (the first image is slow)")
     return p.parse_args(argv)
@@ -186,6 +192,17 @@ def grid_image(cells, rows, cols):
     return grid
 
 
+def steps_strip(sd, estimates, guides, columns=10):
+    """estimates: [(t, x0_hat latent)] of one sample -> one image, a cell per DDIM step, noisiest first.
+    "guided" marks the steps on which a fine-tuned model guided (t > its K)."""
+    cells = {}
+    for i, (t, x0_hat) in enumerate(estimates):
+        with torch.no_grad():
+            image = to_pil(sd.vae.decode(x0_hat / LATENT_SCALE).clamp(-1, 1))
+        cells[divmod(i, columns)] = (image, f"t={t}" + (" guided" if any(t > g.K for g in guides) else ""))
+    return grid_image(cells, -(-len(estimates) // columns), min(columns, len(estimates)))
+
+
 def label(K, v):
     show = lambda xs: "/".join(f"{x:g}" for x in xs)
     return f"K={show(K)} v={show(v)}"
@@ -220,6 +237,12 @@ def load(args):
     args.base = cli.find_base(args.base)
     check_sd_v1(args.base)
     metadata = [read_finetuned(path, args.base) for path in files]
+    prompts = args.finetuned_prompt or [m["prompt"] for m in metadata]
+    if len(prompts) != len(metadata):
+        raise ValueError(f"--finetuned-prompt: give one prompt per --finetuned file ({len(metadata)})")
+    for meta, prompt in zip(metadata, prompts):
+        sine.training_prompt(prompt)  # needs [*]
+        meta["sampling_prompt"] = prompt
     if args.target.startswith(("...", "\u2026")) and not metadata:
         raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
     source = metadata[0]["source_size"] if metadata else "512x512"
@@ -240,7 +263,7 @@ def render(args, s, autocast):
     encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(s.device))
     with torch.no_grad():
         cond, uncond = encode(s.sd, target), encode(s.sd, "")
-        guides = [sine.Guide(ft.unet, encode(ft, sine.training_prompt(meta["prompt"])),
+        guides = [sine.Guide(ft.unet, encode(ft, sine.training_prompt(meta["sampling_prompt"])),
                              sine.full_position_map(ft.config.unet.model_channels, (s.height // 8, s.width // 8),
                                                     s.device) if meta["position_map"] == "True" else None)
                   for ft, meta in zip(s.finetuned, s.metadata)]
@@ -253,14 +276,17 @@ def render(args, s, autocast):
                 guide.K, guide.v = K_i, v_i
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=generator).to(s.device)
+            estimates = []
+            watch = (lambda t, x0_hat: estimates.append((t, x0_hat))) if args.strip else None
             try:
                 with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
                     pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
-                                       autocast=autocast, tiled=args.tile_vae)
+                                       autocast=autocast, tiled=args.tile_vae, callback=watch)
             except sine.NonFiniteSample as e:
                 cli.fail(f"{e} (seed {seed}, {label(K, v)}), so no PNG was written for it: check that --base is "
                          f"a working SD v1 file{' and try without --bf16' if autocast else ''}")
             parameters = {"target": target, "training_prompts": [m["prompt"] for m in s.metadata],
+                          "finetuned_prompts": [m["sampling_prompt"] for m in s.metadata],
                           "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,
                           "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
                           "bf16": autocast is not None,
@@ -268,6 +294,8 @@ def render(args, s, autocast):
             image = to_pil(pixels)
             stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")
             yield write_png(image, args.out, stem, parameters)
+            if estimates:
+                yield write_png(steps_strip(s.sd, estimates, guides), args.out, stem + "-steps", parameters)
             cells[r, c] = (image, label(K, v))
         if len(cells) > 1:
             yield write_png(grid_image(cells, len(s.Ks), len(s.vs)), args.out, f"seed{seed}-grid",
@@ -282,10 +310,10 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         cli.fail(e)
     cli.say(f"base: {setup.sd.description}")
-    autocast = sine.bf16_autocast(setup.device, args.bf16)
+    autocast = cli.bf16_autocast(setup.device, args.bf16)
     cli.say(f"precision: {'bf16 autocast' if autocast else 'fp32'} on {setup.device}")
     for loaded in [setup.sd] + setup.finetuned:
-        sine.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
+        cli.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
     written = 0
     try:
         for path in render(args, setup, autocast):

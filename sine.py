@@ -8,10 +8,12 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
      one training step.
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
   5. The fine-tuned file: the difference from the base weights, plus what edit.py needs.
-  6. Speed switches shared by train.py and edit.py (bf16 autocast, bf16 weights for sampling,
-     channels_last, torch.compile).
 
-Numbers that the paper leaves open come from the authors' code (see SPEC.md in the team docs).
+Reading photos safely and the speed switches (bf16, channels_last, torch.compile) live in cli.py:
+they are not the method.
+
+Numbers that the paper leaves open come from the authors' code; SOURCES.md says, choice by choice,
+what the paper says, what the authors' code does and what we do.
 """
 import math
 import os
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from model import LATENT_SCALE
@@ -95,30 +97,6 @@ def crop_position_map(full_map, crop_box, size):
 
 # ---------------------------------------------------------------------------------------------
 # 3. Patch-based fine-tuning (Sec. 3.3)
-
-def load_image(path, max_pixels=40_000_000):
-    """Any photo as RGB, with its EXIF rotation applied and transparency on white. Refuses decompression bombs."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: {'is a directory, not an image' if os.path.isdir(path) else 'no such file'}")
-    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves, with a clearer message
-    try:
-        image = Image.open(path)
-    except OSError:
-        raise ValueError(f"{path} is not an image that Pillow can read (JPEG, PNG, WebP, ...)") from None
-    with image:
-        if image.width * image.height > max_pixels:
-            raise ValueError(f"{path} is {image.width}x{image.height}, over {max_pixels // 1_000_000} "
-                             "megapixels; resize it first")
-        try:
-            image = ImageOps.exif_transpose(image)
-            if image.mode == "I;16" or image.mode == "I":  # 16-bit grey: scale to 8 bits before RGB
-                image = image.point(lambda v: v / 256).convert("L")
-            if image.has_transparency_data:  # transparent parts become white, as an image viewer shows them
-                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-            return image.convert("RGB")
-        except (OSError, SyntaxError):  # Pillow's errors for truncated or corrupt image data
-            raise ValueError(f"{path} is damaged or truncated: Pillow cannot decode it") from None
-
 
 def to_tensor(image, size):
     """PIL image -> (1, 3, h, w) in [-1, 1], resized to size = (h, w) without keeping the aspect.
@@ -245,12 +223,15 @@ def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=No
 # ---------------------------------------------------------------------------------------------
 # 4. Model-based classifier-free guidance (Sec. 3.2) and sampling
 #
-# Plain classifier-free guidance (Eq. 2) steers the pre-trained model towards the target prompt c:
+# Plain classifier-free guidance (Eq. 2) steers the pre-trained model towards the target prompt c
+# (the paper writes w * eps_pre(z, c) + (1 - w) * eps_pre(z, ""), the same sum):
 #     eps = eps_pre(z, "") + w * (eps_pre(z, c) - eps_pre(z, ""))
 # SINE (Eq. 3) also lets the fine-tuned model, which knows the photo, pull towards it:
 #     eps = eps_pre(z, "") + w * (v * eps_pre(z, c) + (1 - v) * eps_ft(z, c_hat) - eps_pre(z, ""))
-# but only while t > K: early steps lay out structure, which should come from the photo; the last
-# K steps are left to the pre-trained model, which knows how a "castle covered by snow" looks.
+# but only while t > K: early steps lay out structure, which should come from the photo; the steps
+# with t <= K are left to the pre-trained model, which knows how a "castle covered by snow" looks.
+# K is a timestep on the 1000-step training scale, not a count of sampler steps: with 50 DDIM
+# steps (t = 981, 961, ..., 1) and K = 400, the first 30 steps are guided and the last 20 are not.
 # Several fine-tuned models can guide together (Sec. 4.4, style transfer); model i pulls with
 # weight b_i = 1 - v_i, and the pre-trained model keeps 1 - sum(b_i).
 
@@ -296,13 +277,15 @@ class NonFiniteSample(ArithmeticError):
 
 @torch.no_grad()
 def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generator=None, progress=True,
-         autocast=None, tiled=None):
+         autocast=None, tiled=None, callback=None):
     """Sample an edited latent from noise (1, 4, h, w) and decode it: (1, 3, 8h, 8w) in [-1, 1].
 
     autocast: e.g. torch.autocast("cuda", torch.bfloat16) for the UNet passes (the VAE always runs
-    in fp32); tiled: decode in tiles, True, False or None (only large images, see model/vae.py)."""
+    in fp32); tiled: decode in tiles, True, False or None (only large images, see model/vae.py);
+    callback(t, x0_hat): see model.ddim.sample."""
     with autocast or torch.autocast(noise.device.type, enabled=False):
-        latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress)
+        latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress,
+                         callback)
     if not torch.isfinite(latents).all():  # decoded, it would be a black image
         raise NonFiniteSample("the sample turned nan or inf during sampling")
     return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
@@ -384,39 +367,3 @@ def apply_finetuned(sd, path):
                                      "diverged; fine-tune again with a lower --lr")
                 weight += delta.to(weight)
     return sd
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Speed switches (train.py and edit.py; bench.py measures each, test_fastpaths.py checks each)
-
-def bf16_autocast(device, enabled=None):
-    """A bfloat16 autocast region for the UNet and text encoder passes, or None for plain fp32.
-
-    Weights and optimizer state stay fp32 either way (lr 1e-6 updates would vanish in bf16 weights),
-    and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that computes bf16
-    natively (compute capability 8.0, Ampere, or newer; older GPUs such as the T4 or V100 only
-    emulate it, slowly), off elsewhere. On a CPU it is faster only with bf16 instructions
-    (AVX512-BF16, AMX) and changes the output slightly; ask for it there with --bf16."""
-    if enabled is None:
-        enabled = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
-
-
-def speed_up(unet, channels_last=False, compile=False, bf16_weights=False):
-    """Optional, in place. channels_last stores conv weights (and so activations) as NHWC, which
-    some conv kernels prefer; compile has torch.compile fuse the UNet (minutes for the first call).
-
-    bf16_weights, for sampling under bf16 autocast only (the weights are frozen there): autocast
-    would round every Linear and Conv weight to bf16 on every call, 1.7 GB of casts per UNet pass;
-    rounding them once gives bitwise the same numbers, faster, in half the memory. Norm layers keep
-    fp32 parameters, which autocast computes in fp32. Never for training: lr 1e-6 updates vanish in
-    bf16 weights, so training keeps fp32 master weights and lets autocast cast them."""
-    if bf16_weights:
-        for module in unet.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                module.to(torch.bfloat16)
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if compile:
-        unet.compile()  # in place, so state_dict() keys stay the checkpoint's
-    return unet

@@ -169,3 +169,19 @@ def test_text_to_image_eps_batches_cond_and_uncond():
     calls.clear()
     expected = classifier_free_guidance(fake_unet(z, t, uncond.expand(2, -1, -1)), fake_unet(z, t, context), 7.5)
     torch.testing.assert_close(eps, expected)
+
+
+def test_callback_sees_each_steps_clean_estimate_as_diffusers_computes_it():
+    """sample(callback=...) reports, per step, the x0_hat of that step: diffusers' pred_original_sample."""
+    sched, eps_fn = sd_scheduler(20), fake_eps_fn()
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    seen = []
+    out = sample(eps_fn, z.clone(), num_steps=20, progress=False, callback=lambda t, x0: seen.append((t, x0)))
+    assert [t for t, _ in seen] == sched.timesteps.tolist()
+    ref = z.clone()
+    for (t, x0), t_ref in zip(seen, sched.timesteps):
+        step = sched.step(eps_fn(ref, int(t_ref)), t_ref, ref, eta=0.0)
+        assert rel_err(x0, step.pred_original_sample) <= 1e-5
+        ref = step.prev_sample
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(seen[-1][1], out) < rel_err(seen[0][1], out)  # the estimate converges on the result

@@ -5,11 +5,11 @@ Every fast path can be switched off; here each is run both ways on the tiny rand
 
   fast path                        switch                               tolerance (and why)
   fused attention (SDPA)           model.attention.USE_SDPA             1e-5 relative: fp32 rounding
-  channels_last                    sine.speed_up(channels_last=True)    1e-5 relative: fp32 rounding
+  channels_last                    cli.speed_up(channels_last=True)    1e-5 relative: fp32 rounding
   gradient checkpointing           unet.gradient_checkpointing          exact: the same ops, recomputed
-  bf16 autocast                    sine.bf16_autocast(device, True)     3e-2 relative (bf16 keeps 8
+  bf16 autocast                    cli.bf16_autocast(device, True)     3e-2 relative (bf16 keeps 8
                                                                         significant bits: ~4e-3 per op)
-  bf16 weights for sampling        sine.speed_up(bf16_weights=True)     exact, under bf16 autocast
+  bf16 weights for sampling        cli.speed_up(bf16_weights=True)     exact, under bf16 autocast
   VAE in fp32 inside autocast      always on                            exact, and never NaN in fp16
   tiled VAE decode / encode        vae.decode(z, tiled=True)            exact blending; the VAE itself
                                                                         drifts, see TILE_TOL below
@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import model.attention
 import model.unet
 import model.vae
@@ -145,7 +146,7 @@ def test_channels_last_matches_default(sd):
     plain.load_state_dict(sd.unet.state_dict())
     fast = model.unet.UNet(sd.config.unet).eval()
     fast.load_state_dict(sd.unet.state_dict())
-    sine.speed_up(fast, channels_last=True)
+    cli.speed_up(fast, channels_last=True)
     assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)  # really switched
     out_plain, grads_plain = unet_grads(plain, inputs)
     out_fast, grads_fast = unet_grads(fast, inputs)
@@ -165,7 +166,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd, monkeypatch, bf16):
     results = []
     for checkpointing in (False, True):
         sd.unet.gradient_checkpointing = checkpointing
-        with sine.bf16_autocast(torch.device("cpu"), bf16) or torch.autocast("cpu", enabled=False):
+        with cli.bf16_autocast(torch.device("cpu"), bf16) or torch.autocast("cpu", enabled=False):
             results.append(unet_grads(sd.unet, inputs))
     sd.unet.gradient_checkpointing = False
     assert len(calls) == len(sd.unet.input_blocks) - 1 + 1 + len(sd.unet.output_blocks)  # every block
@@ -178,7 +179,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd, monkeypatch, bf16):
 def test_compile_keeps_the_checkpoint_names(sd):
     unet = model.unet.UNet(sd.config.unet)
     names = list(unet.state_dict())
-    sine.speed_up(unet, compile=True)
+    cli.speed_up(unet, compile=True)
     assert list(unet.state_dict()) == names  # save_finetuned and apply_finetuned need these
     assert unet._compiled_call_impl is not None
 
@@ -187,9 +188,9 @@ def test_compile_keeps_the_checkpoint_names(sd):
 # bf16 autocast
 
 def test_bf16_autocast_defaults():
-    assert sine.bf16_autocast(torch.device("cpu")) is None  # off on CPU unless asked
-    assert sine.bf16_autocast(torch.device("cpu"), False) is None
-    region = sine.bf16_autocast(torch.device("cpu"), True)
+    assert cli.bf16_autocast(torch.device("cpu")) is None  # off on CPU unless asked
+    assert cli.bf16_autocast(torch.device("cpu"), False) is None
+    region = cli.bf16_autocast(torch.device("cpu"), True)
     assert region.fast_dtype == torch.bfloat16 and region.device == "cpu"
 
 
@@ -198,7 +199,7 @@ def test_bf16_autocast_close_to_fp32(sd):
     ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         unet32, text32 = sd.unet(*inputs), sd.text_encoder(ids)
-        with sine.bf16_autocast(torch.device("cpu"), True):
+        with cli.bf16_autocast(torch.device("cpu"), True):
             unet16, text16 = sd.unet(*inputs), sd.text_encoder(ids)
     assert unet16.dtype == torch.bfloat16  # it really ran in bf16 (CLIP's last LayerNorm answers in fp32)...
     for a, b in ((unet16, unet32), (text16, text32)):
@@ -211,10 +212,10 @@ def test_bf16_weights_for_sampling_change_nothing_under_autocast(sd):
     inputs = unet_inputs(sd.config.unet)
     fast = model.unet.UNet(sd.config.unet).eval().requires_grad_(False)
     fast.load_state_dict(sd.unet.state_dict())
-    sine.speed_up(fast, bf16_weights=True)
+    cli.speed_up(fast, bf16_weights=True)
     assert fast.input_blocks[0][0].weight.dtype == fast.time_embed[0].weight.dtype == torch.bfloat16
     assert fast.out[0].weight.dtype == torch.float32  # a GroupNorm
-    with torch.no_grad(), sine.bf16_autocast(torch.device("cpu"), True):
+    with torch.no_grad(), cli.bf16_autocast(torch.device("cpu"), True):
         assert torch.equal(fast(*inputs), sd.unet(*inputs))
 
 
@@ -226,7 +227,7 @@ def test_bf16_edit_close_to_fp32(sd):
     noise = torch.randn(1, 4, 16, 24, generator=g)
     guide = sine.Guide(sd.unet, c_hat, sine.full_position_map(cfg.model_channels, (16, 24)), v=0.7, K=400)
     run = lambda autocast: sine.edit(sd, [guide], cond, uncond, noise, steps=6, progress=False, autocast=autocast)
-    fp32, bf16 = run(None), run(sine.bf16_autocast(torch.device("cpu"), True))
+    fp32, bf16 = run(None), run(cli.bf16_autocast(torch.device("cpu"), True))
     assert bf16.dtype == torch.float32
     drift = (bf16 - fp32).abs()
     assert 0 < drift.mean() <= 0.05 and drift.max() <= 0.5  # pixels in [-1, 1]
@@ -239,7 +240,7 @@ def test_bf16_training_keeps_fp32_master_weights(sd):
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6, weight_decay=0.01)
     x, t, context, pos = unet_inputs(sd.config.unet, batch=1)
-    with sine.bf16_autocast(torch.device("cpu"), True):
+    with cli.bf16_autocast(torch.device("cpu"), True):
         loss = sine.training_loss(unet, x, context, t, torch.randn_like(x), alphas_cumprod(), pos)
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in unet.parameters())

@@ -405,6 +405,9 @@ ROWS = [
     edit_row("edit-device-mps", words=["--device mps", "Apple", "cpu"], device="mps"),
     edit_row("edit-out-names-a-png", words=["--out result.png", "names a file", "folder"], out="result.png"),
     edit_row("edit-out-is-a-file", words=["--out notes", "names a file"], inputs={"notes": text_file}, out="notes"),
+    edit_row("finetuned-prompt-without-identifier", "--finetuned-prompt", "a castle", words=["[*]", "identifier"]),
+    edit_row("finetuned-prompts-too-many", "--finetuned-prompt", "a [*] castle", "a [*] tower",
+             words=["--finetuned-prompt", "one prompt per --finetuned file"]),
     edit_row("target-with-identifier", words=["--target", "[*]", "pre-trained model", "..."],
              target="a [*] castle in snow"),
 ]
@@ -562,7 +565,7 @@ def test_table_covers_every_photo_mode_and_checkpoint_kind():
 def test_photo_modes_become_rgb(tmp_path, maker, suffix, expected, tolerance):
     path = str(tmp_path / ("photo" + suffix))
     maker(path)
-    image = sine.load_image(path)
+    image = cli.load_image(path)
     assert image.mode == "RGB"
     got, want = np.asarray(image).astype(int), expected().astype(int)
     assert got.shape == want.shape
@@ -1170,9 +1173,9 @@ def test_bf16_by_default_only_on_gpus_that_compute_it_natively(monkeypatch, capa
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what torch says even on a T4
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a CPU-only torch warns that CUDA autocast is unavailable
-        assert (sine.bf16_autocast(torch.device("cuda")) is not None) == native
-        assert sine.bf16_autocast(torch.device("cuda"), enabled=True) is not None  # --bf16 still asks for it
-    assert sine.bf16_autocast(torch.device("cpu")) is None
+        assert (cli.bf16_autocast(torch.device("cuda")) is not None) == native
+        assert cli.bf16_autocast(torch.device("cuda"), enabled=True) is not None  # --bf16 still asks for it
+    assert cli.bf16_autocast(torch.device("cpu")) is None
 
 
 def test_a_long_prompt_warns_in_one_plain_line(root, tmp_path):
@@ -1212,3 +1215,45 @@ def test_edit_reads_an_ellipsis_and_keeps_the_aspect_of_one_given_side(root, tmp
     with Image.open(tmp_path / path) as image:
         assert image.size == (256, 192)  # the photo is 64 x 48
         assert json.loads(image.text["parameters"])["target"] == "a photo of a castle in snow"
+
+
+def test_the_finetuned_model_samples_with_the_prompt_it_is_given(root, tmp_path, monkeypatch, capsys):
+    """Content removal (Sec. 4.4): the fine-tuned model is asked for "a [*] castle", not its training
+    prompt; the guide's context is that prompt's encoding, and the PNG records it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    contexts = []
+    real_guide = sine.Guide
+    monkeypatch.setattr(sine, "Guide", lambda unet, context, *a, **k: contexts.append(context) or
+                        real_guide(unet, context, *a, **k))
+    edit.main(["--target", "a castle", "--finetuned", os.path.join(root, "finetuned.safetensors"),
+               "--finetuned-prompt", "a [*] tower", "--steps", "1", "--height", "64", "--width", "64"])
+    (path,) = capsys.readouterr().out.split()
+    sd = load_sd(os.path.join(root, "weights", "tiny.safetensors"))
+    with torch.no_grad():
+        expected = sd.text_encoder(sd.tokenizer(["a sks tower"]))
+        training = sd.text_encoder(sd.tokenizer([sine.training_prompt(PROMPT)]))
+    (context,) = contexts
+    torch.testing.assert_close(context, expected)  # the fine-tuned file's differences are zero here
+    assert not torch.allclose(context, training)
+    with Image.open(path) as image:
+        assert json.loads(image.text["parameters"])["finetuned_prompts"] == ["a [*] tower"]
+
+
+def test_steps_strip_shows_every_step_and_marks_the_guided_ones(root, tmp_path):
+    result = run(root, "edit.py", "--target", "... in snow", "--finetuned", os.path.join(root, "finetuned.safetensors"),
+                 "--steps", "12", "--K", "500", "--height", "64", "--width", "128", "--strip", "--out", "pngs",
+                 cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    image_path, strip_path = result.stdout.split()
+    assert strip_path == image_path[:-len(".png")] + "-steps.png"
+    with Image.open(tmp_path / strip_path) as strip:
+        assert strip.size == (10 * 128, 2 * 64)  # 12 steps, 10 a row
+    from model.ddim import ddim_timesteps
+    guided = sum(t > 500 for t in ddim_timesteps(12).tolist())
+    assert 0 < guided < 12
+    # the labels: the cells of guided steps carry a longer black label box than the others
+    pixels = np.asarray(Image.open(tmp_path / strip_path).convert("L"))
+    label_width = [int((pixels[r * 64 + 8, c * 128:(c + 1) * 128] == 0).sum()) for r, c in
+                   (divmod(i, 10) for i in range(12))]
+    assert sum(w > min(label_width) + 30 for w in label_width) == guided

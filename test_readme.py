@@ -79,9 +79,11 @@ def user_folder(tmp_path):
 
 
 def test_every_other_command_runs(user_folder, tmp_path):
-    """In README order, on the tiny model; the style-transfer recipe's second model, a painting, is
-    fine-tuned first from the example photo (the README leaves that step to the reader)."""
+    """In README order, on the tiny model; the recipes' other models, a painting and a dog with a
+    flower, are fine-tuned first from the example photo (the README leaves those steps to the reader)."""
     run('python train.py examples/cat.png "a painting in the [*] style" --out finetuned/painting.safetensors '
+        "--steps 1", user_folder, tmp_path)
+    run('python train.py examples/cat.png "a [*] dog with a flower in mouth" --out finetuned/dog.safetensors '
         "--steps 1", user_folder, tmp_path)
     ran = 0
     for heading, line in readme_commands():

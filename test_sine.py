@@ -1,7 +1,7 @@
 """sine.py, one equation at a time, on a tiny random Stable Diffusion (model.tiny).
 
 Every expected value is computed here, independently of sine.py: by hand from separate UNet calls
-(guidance), from the formulas in SPEC.md in float64 (position map, schedule), with explicit
+(guidance), from the formulas in SOURCES.md in float64 (position map, schedule), with explicit
 loops (the reconstruction term), or as the authors' code computes it (crops). The last test fine-tunes a tiny model on one latent and checks
 that sampling then reproduces it: training and sampling must agree on the schedule and on what
 the UNet predicts, or the sampled latent lands somewhere else.
@@ -183,7 +183,7 @@ def test_eq3_by_hand(setup, v):
 
 @torch.no_grad()
 def test_two_guides_style_transfer_by_hand(setup):
-    """SPEC 3: eps_pre("") + w((1 - sum b_i) eps_pre(c) + sum b_i eps_ft_i(c_hat_i) - eps_pre("")),
+    """Multi-model guidance (SOURCES.md): eps_pre("") + w((1 - sum b_i) eps_pre(c) + sum b_i eps_ft_i(c_hat_i) - eps_pre("")),
     b_i = 1 - v_i, each guide only while t > its own K."""
     s = setup
     z = s["z"]
@@ -210,7 +210,7 @@ def test_two_guides_style_transfer_by_hand(setup):
 # The position map
 
 def expected_axis(positions, n_freq):
-    """SPEC 2 in float64: w_i = exp(-i ln(10000) / (n_freq - 1)); rows [sin(p w_i)] then [cos(p w_i)]."""
+    """The position map in float64: w_i = exp(-i ln(10000) / (n_freq - 1)); rows [sin(p w_i)] then [cos(p w_i)]."""
     w = np.array([10000.0 ** (-i / (n_freq - 1)) for i in range(n_freq)])
     angles = np.outer(w, np.asarray(positions, dtype=np.float64))  # (n_freq, N)
     return np.concatenate([np.sin(angles), np.cos(angles)])
@@ -293,7 +293,7 @@ def test_crop_pixels_cuts_the_box_and_resizes():
 
 
 def authors_crop(image, crop_box):
-    """SPEC.md section 2: the canvas is the photo resized to 1024 x 1024 with PIL's BICUBIC; the crop
+    """The authors' data loader (SOURCES.md, canvas and crops): the canvas is the photo resized to 1024 x 1024 with PIL's BICUBIC; the crop
     of box [y0, x0, y1, x1] (cells of 8 pixels) is resized to 512 x 512 with BICUBIC, then scaled
     from 8 bits to [-1, 1]."""
     canvas = image.resize((1024, 1024), resample=Image.BICUBIC)

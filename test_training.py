@@ -1,7 +1,7 @@
 """Fine-tuning (sine.py section 3) against the authors' code and against torch.optim.AdamW.
 
 The loss is derived here as the authors' CompVis code computes it (`LatentDiffusion.p_losses`,
-SPEC.md section 2), with its adaptive average pooling to 64 x 64, on 64 x 64 latents. The AdamW
+SOURCES.md, loss terms), with its adaptive average pooling to 64 x 64, on 64 x 64 latents. The AdamW
 applied during backward must leave bitwise the weights and moments of torch's own AdamW.
 """
 import math

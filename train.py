@@ -221,7 +221,7 @@ def load(args):
     """Check every argument, then load the base: (photo, device, model)."""
     check_args(args)
     cli.use_huge_pages()
-    image = sine.load_image(args.image)
+    image = cli.load_image(args.image)
     device = cli.pick_device(args.device)
     args.base = cli.find_base(args.base)
     if args.resume:
@@ -242,10 +242,10 @@ def train(args, sd, image, device, stop):
     ids = sd.tokenizer([sine.training_prompt(args.prompt)]).to(device)
     full_map = sine.position_map(sd.config.unet.model_channels).to(device) if args.patch else None
     alphas = alphas_cumprod().to(device)
-    autocast = sine.bf16_autocast(device, args.bf16)
+    autocast = cli.bf16_autocast(device, args.bf16)
     args.bf16 = autocast is not None  # as chosen, for the messages
     cli.say(f"precision: {'bf16 autocast, fp32 weights' if autocast else 'fp32'} on {device}")
-    sine.speed_up(sd.unet, compile=args.compile)
+    cli.speed_up(sd.unet, compile=args.compile)
     step = load_resume_state(resume_path(args.out), sd, optimizers, generator) if args.resume else 0
 
     with tqdm(total=args.steps, initial=step, desc="fine-tuning") as bar:  # closed before any error prints

@@ -13,7 +13,7 @@ SINE's model-based guidance are just different eps_fns plugged into the same loo
 import torch
 from tqdm import tqdm
 
-from model.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from model.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod, predict_x0
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
@@ -66,22 +66,27 @@ def ddim_step(
 
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Eq. 2 of the SINE paper (Ho & Salimans 2022): push the prediction away from the
-    unconditional one, along the direction the prompt adds. scale=1 is the plain conditional model."""
+    unconditional one, along the direction the prompt adds. scale=1 is the plain conditional model.
+    The paper writes it w * eps_cond + (1 - w) * eps_uncond: the same sum, rearranged."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def sample(eps_fn, z: torch.Tensor, num_steps: int = 50, eta: float = 0.0, generator=None, progress: bool = True):
+def sample(eps_fn, z: torch.Tensor, num_steps: int = 50, eta: float = 0.0, generator=None, progress: bool = True,
+           callback=None):
     """Run DDIM from noise z (at the top noise level) down to a clean latent z_0.
 
     eps_fn(z, t) -> noise prediction, t a python int in 0..999. With eta > 0 the step noise is
     drawn with torch.randn(generator=generator), in the generator's device, so a seeded CPU
-    generator gives the same images on any device.
+    generator gives the same images on any device. callback(t, x0_hat), if given, sees every
+    step's estimate of the clean latent: a window on how the picture forms.
     """
     alphas = alphas_cumprod().to(z.device)
     ts = ddim_timesteps(num_steps).tolist()
     prevs = ts[1:] + [-1]  # the last step goes "below zero": ddim_step then uses a_0
     for t, t_prev in tqdm(list(zip(ts, prevs)), desc="DDIM", disable=not progress):
         eps = eps_fn(z, t)
+        if callback is not None:
+            callback(t, predict_x0(z, eps, torch.full((z.shape[0],), t, device=z.device), alphas))
         noise = None
         if eta > 0:
             device = generator.device if generator is not None else z.device

@@ -9,6 +9,15 @@ through four resolutions and back up, with skip connections between matching lev
     middle_block  ResBlock, SpatialTransformer, ResBlock
     output_blocks (ResBlock [+ SpatialTransformer]) x3 per level, Upsample between levels
 
+For SD v1 at 512 x 512 pixels (64 x 64 latents), 8 attention heads wherever there is attention:
+
+    level   resolution   channels   attention   input_blocks   output_blocks
+    0       64 x 64      320        yes         1, 2 (0: conv) 9, 10, 11
+    1       32 x 32      640        yes         4, 5 (3 down)  6, 7, 8 (8 up)
+    2       16 x 16      1280       yes         7, 8 (6 down)  3, 4, 5 (5 up)
+    3       8 x 8        1280       no          10, 11 (9 down) 0, 1, 2 (2 up)
+    middle  8 x 8        1280       yes
+
 ResBlocks take the timestep embedding; SpatialTransformers cross-attend to the text context.
 
 SINE (Sec. 3.3) adds a fixed position map to the output of the very first conv, so that a model
@@ -51,7 +60,11 @@ class GroupNorm32(nn.GroupNorm):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim), laid out as [cos, sin]."""
+    """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim), laid out as [cos, sin].
+
+    SD v1's layout, which its trained time_embed weights expect; SINE's position map
+    (sine.axis_embedding) puts sin first and spaces its frequencies slightly differently, as the
+    authors' position code does. Each must match what its weights were trained with."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]
@@ -59,7 +72,9 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class TimestepBlock(nn.Sequential):
-    """A Sequential whose layers get, as each needs, the timestep embedding or the text context."""
+    """One numbered block of the UNet (input_blocks.N, middle_block, output_blocks.N): a Sequential
+    whose layers take different extra inputs. ResBlocks get the timestep embedding, SpatialTransformers
+    the text context, convs and resamplers neither. The name is the original code's."""
 
     def forward(self, x, emb, context):
         for layer in self:
