@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="UNet passes in bfloat16 autocast, the UNets' frozen weights stored in bf16; the text "
-                        "encoder and VAE stay fp32 (default: on with CUDA, off on CPU)")
+                        "encoder and VAE stay fp32 (default: on with a GPU of compute capability 8.0 or newer, "
+                        "off elsewhere)")
     p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
     p.add_argument("--strip", action="store_true",

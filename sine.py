@@ -291,7 +291,6 @@ def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generato
     return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
 
 
-
 def full_position_map(channels, size, device=None):
     """The whole map stretched to a latent of size (h, w): the layout of the photo at any aspect."""
     return crop_position_map(position_map(channels), [0, 0, GRID, GRID], size).to(device)

@@ -126,7 +126,7 @@ def save(args, sd, optimizers, generator, step, image, resumable):
             "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image.width}x{image.height}",
             "steps": step, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr})
         if resumable:  # written last: a resume state on disk means its save completed
-            save_resume_state(resume_path(args.out), sd, optimizers, generator, step, {
+            save_resume_state(resume_path(args.out), sd, optimizers, generator, {
                 "step": str(step), "planned_steps": str(args.steps), "run": json.dumps(run_identity(args, image))})
     except OSError as e:
         cli.fail(f"could not save step {step} to {args.out} ({e.strerror or e}); files saved earlier are intact")
@@ -143,7 +143,7 @@ def diverged(args, what):
              f"{', or train without --bf16' if args.bf16 else ''}; {kept}")
 
 
-def save_resume_state(path, sd, optimizers, generator, step, metadata):
+def save_resume_state(path, sd, optimizers, generator, metadata):
     """Exact fp32 weights, AdamW moments and the RNG: all a bitwise-identical continuation needs."""
     tensors = {"rng": generator.get_state()}
     for i, (name, param) in enumerate(trainable_parameters(sd)):

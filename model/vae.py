@@ -3,10 +3,10 @@
 The diffusion model never sees pixels. The encoder maps an image (B, 3, H, W) in [-1, 1] to a
 Gaussian over latents (B, 4, H/8, W/8); the decoder maps latents back to pixels.
 
-The latents that the UNet works on are a latent of the encoder's Gaussian times LATENT_SCALE =
-0.18215 (chosen by the SD authors so that the latents have unit variance): a sample of it when
-fine-tuning, as SD and SINE's authors train (`sine.encode`), or its mean, which is that sample
-without the small noise the encoder predicts. We keep that multiplication
+The latents that the UNet works on are a draw from the encoder's Gaussian times LATENT_SCALE =
+0.18215 (chosen by the SD authors so that the latents have unit variance): fine-tuning samples it,
+as SD's and SINE's authors train (`sine.encode`); its mean is the same latent without the small
+noise the encoder predicts. We keep that multiplication
 out of this file on purpose: `encode` and `decode` work on *unscaled* latents, and the caller
 scales them where a reader can see it.
 
