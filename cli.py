@@ -1,10 +1,11 @@
 """What train.py and edit.py share: finding files, choosing a device, memory pages, failing
-politely (checked arguments, one-line warnings), reading any photo, and the speed switches.
+politely (checked arguments, one-line warnings, Ctrl-C), reading any photo, and the speed switches.
 
 A user's mistake ends the program with one line on stderr that says what to do, never a traceback.
 """
 import glob
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -64,6 +65,20 @@ def out_of_memory_hint(hint):
         # Drop the failed computation's frames: that frees its tensors and closes its progress bar.
         traceback.clear_frames(e.__traceback__)
         fail(f"out of memory: {hint}")
+
+
+@contextmanager
+def hold_ctrl_c():
+    """Delay a Ctrl-C to the end of the block, so that it never falls between writing a file and
+    reporting it. Like any signal handling, it works in the main thread only."""
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def use_huge_pages():

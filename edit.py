@@ -259,7 +259,7 @@ def load(args):
 
 
 def render(args, s, autocast):
-    """Every seed and every (K, v) of the sweep, each PNG printed as soon as it is written."""
+    """Every seed and every (K, v) of the sweep, as soon as each is sampled: (image, file stem, parameters)."""
     target = sine.target_prompt(args.target, s.metadata[0]["prompt"] if s.metadata else "")
     encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(s.device))
     with torch.no_grad():
@@ -294,13 +294,13 @@ def render(args, s, autocast):
                           "base": os.path.basename(args.base), "finetuned": [os.path.basename(f) for f in s.files]}
             image = to_pil(pixels)
             stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")
-            yield write_png(image, args.out, stem, parameters)
+            yield image, stem, parameters
             if estimates:
-                yield write_png(steps_strip(s.sd, estimates, guides), args.out, stem + "-steps", parameters)
+                yield steps_strip(s.sd, estimates, guides), stem + "-steps", parameters
             cells[r, c] = (image, label(K, v))
         if len(cells) > 1:
-            yield write_png(grid_image(cells, len(s.Ks), len(s.vs)), args.out, f"seed{seed}-grid",
-                            {"grid": "rows K, columns v", "K": args.K, "v": args.v, "seed": seed, "target": target})
+            yield (grid_image(cells, len(s.Ks), len(s.vs)), f"seed{seed}-grid",
+                   {"grid": "rows K, columns v", "K": args.K, "v": args.v, "seed": seed, "target": target})
 
 
 def main(argv=None):
@@ -315,13 +315,14 @@ def main(argv=None):
     cli.say(f"precision: {'bf16 autocast' if autocast else 'fp32'} on {setup.device}")
     for loaded in [setup.sd] + setup.finetuned:
         cli.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
-    written = 0
+    written = []
     try:
-        for path in render(args, setup, autocast):
-            print(path, flush=True)
-            written += 1
+        for image, stem, parameters in render(args, setup, autocast):
+            with cli.hold_ctrl_c():  # so that every PNG on disk is printed and counted
+                written.append(write_png(image, args.out, stem, parameters))
+                print(written[-1], flush=True)
     except KeyboardInterrupt:
-        cli.say(f"interrupted: the {written} PNG(s) written so far are kept")
+        cli.say(f"interrupted: the {len(written)} PNG(s) written so far are kept")
         sys.exit(130)
 
 

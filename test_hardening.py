@@ -1206,6 +1206,21 @@ def test_ctrl_c_in_edit_keeps_the_pngs_written(root, tmp_path):
     assert f"the {len(printed)} PNG(s) written so far are kept" in stderr.splitlines()[-1]
 
 
+def test_a_ctrl_c_while_a_png_is_written_waits_for_it_to_be_reported():
+    """The race CI once hit: Ctrl-C right after a PNG was printed, before it was counted."""
+    reported = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.hold_ctrl_c():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a signal is handled between bytecodes: give it every chance
+            reported.append("seed0.png")
+    assert reported == ["seed0.png"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+    with cli.hold_ctrl_c():
+        reported.append("seed1.png")  # no Ctrl-C: nothing is raised
+    assert reported == ["seed0.png", "seed1.png"]
+
+
 def test_edit_reads_an_ellipsis_and_keeps_the_aspect_of_one_given_side(root, tmp_path):
     """Through the CLI: "…" continues the training prompt; --width alone keeps the photo's 4:3."""
     result = run(root, "edit.py", "--target", "\u2026 in snow", "--finetuned", os.path.join(root, "finetuned.safetensors"),
