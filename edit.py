@@ -279,13 +279,12 @@ def render(args, s, autocast):
             noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=generator).to(s.device)
             estimates = []
             watch = (lambda t, x0_hat: estimates.append((t, x0_hat))) if args.strip else None
-            try:
-                with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
-                    pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
-                                       autocast=autocast, tiled=args.tile_vae, callback=watch)
-            except sine.NonFiniteSample as e:
-                cli.fail(f"{e} (seed {seed}, {label(K, v)}), so no PNG was written for it: check that --base is "
-                         f"a working SD v1 file{' and try without --bf16' if autocast else ''}")
+            with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
+                pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
+                                   autocast=autocast, tiled=args.tile_vae, callback=watch)
+            if not torch.isfinite(pixels).all():  # as a PNG it would be black
+                cli.fail(f"the sample turned nan or inf (seed {seed}, {label(K, v)}), so no PNG was written for it: "
+                         f"check that --base is a working SD v1 file{' and try without --bf16' if autocast else ''}")
             parameters = {"target": target, "training_prompts": [m["prompt"] for m in s.metadata],
                           "finetuned_prompts": [m["sampling_prompt"] for m in s.metadata],
                           "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,

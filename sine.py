@@ -9,26 +9,25 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
   5. The fine-tuned file: the difference from the base weights, plus what edit.py needs.
 
-Reading photos safely and the speed switches (bf16, channels_last, torch.compile) live in cli.py:
-they are not the method.
+Reading photos safely and the speed switches (bf16, channels_last, torch.compile) live in cli.py,
+and saving files all or nothing in model/loader.py: they are not the method. What remains here of
+that kind is the few checks for nan and inf that must sit where a diverged run is caught.
 
 Numbers that the paper leaves open come from the authors' code; SOURCES.md says, choice by choice,
 what the paper says, what the authors' code does and what we do.
 """
 import math
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from model import LATENT_SCALE
 from model.ddim import classifier_free_guidance, sample
-from model.loader import PREFIXES, fingerprint, iter_tensors, read_header, write_safetensors
+from model.loader import PREFIXES, atomic_path, fingerprint, iter_tensors, read_header, write_safetensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +270,6 @@ def sine_eps(base_unet, cond, uncond, guides, scale):
     return eps_fn
 
 
-class NonFiniteSample(ArithmeticError):
-    """Sampling produced nan or inf: the models' weights or the settings are broken."""
-
-
 @torch.no_grad()
 def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generator=None, progress=True,
          autocast=None, tiled=None, callback=None):
@@ -286,8 +281,6 @@ def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generato
     with autocast or torch.autocast(noise.device.type, enabled=False):
         latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress,
                          callback)
-    if not torch.isfinite(latents).all():  # decoded, it would be a black image
-        raise NonFiniteSample("the sample turned nan or inf during sampling")
     return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
 
 
@@ -305,27 +298,6 @@ def full_position_map(channels, size, device=None):
 
 def trainable_parts(sd):
     return {"unet": sd.unet, "text_encoder": sd.text_encoder}
-
-
-@contextmanager
-def atomic_path(path):
-    """A temporary file beside path to write to; renamed to path once written. A crash, a full
-    disk or an exception leaves the old file or the new one, never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except SafetensorError as e:  # how safetensors reports a full disk: "I/O error: No space left on device"
-        raise OSError(str(e)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class NonFiniteWeights(ArithmeticError):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import cli
 import sine
 from model import load_sd, read_header
-from model.loader import fingerprint, iter_tensors
+from model.loader import atomic_path, fingerprint, iter_tensors
 from model.schedule import alphas_cumprod
 
 
@@ -152,7 +152,7 @@ def save_resume_state(path, sd, optimizers, generator, metadata):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in state:
                 tensors[f"{key}.{i}"] = state[key].detach().cpu().reshape(state[key].shape)
-    with sine.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
 

@@ -11,15 +11,21 @@ A checkpoint is an untrusted download. We never unpickle one (`.ckpt`, `.pt` and
 run code when loaded), and we read the safetensors header ourselves and check it against the
 file's size before trusting it. Every problem a user can cause is a `CheckpointError` whose
 message is one line saying what to do.
+
+Writing: `write_safetensors` streams a file one tensor at a time, and `atomic_path` makes a save
+all or nothing.
 """
 import hashlib
 import json
 import math
 import os
 import struct
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+from safetensors import SafetensorError
 
 from .clip import CLIPConfig, TextEncoder
 from .tokenizer import Tokenizer
@@ -253,6 +259,27 @@ def write_safetensors(f, shapes, tensors, metadata, dtype=torch.float16):
         if tensor.dtype != dtype or list(tensor.shape) != list(shape):
             raise ValueError(f"{key}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+@contextmanager
+def atomic_path(path):
+    """A temporary file beside path to write to; renamed to path once written. A crash, a full
+    disk or an exception leaves the old file or the new one, never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp, path)
+    except SafetensorError as e:  # how safetensors reports a full disk: "I/O error: No space left on device"
+        raise OSError(str(e)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_sd_v1(path):
