@@ -653,6 +653,9 @@ def plan(args):
     edit = dict(size=256, steps=10, repeats=2, warmup=0) if quick else dict(size=512, steps=50, warmup=0)
     add("edit", **edit)
     add("edit", ("ours",) if quick else ("ours", "diffusers"), bf16=True, **edit)
+    # edit.py's CPU defaults: fp32 or bf16, each with and without channels_last
+    add("edit", ("ours",), bf16=True, channels_last=True, **{**edit, "repeats": 1 if quick else 3})
+    add("edit", ("ours",), channels_last=True, **{**edit, "repeats": 1 if quick else 3})
     # (c) one training step, as train.py runs it on that device (checkpointing on; CUDA: bf16),
     # then as it ran before AdamW moved into backward (CPU: without checkpointing), then train.py
     # itself for two steps: the whole process's peak, loading and saving included. The warm-up
@@ -769,7 +772,7 @@ def report(results, args):
         f"{edit_tf:.1f} TFLOP in the UNet, plus prompts and VAE decode\n")
     say(f"| variant | ours s | diffusers s | ours/diffusers | ours UNet TFLOP/s | ours {unit} | diffusers {unit} |")
     say("|---|---|---|---|---|---|---|")
-    for v in ("fp32", "bf16"):
+    for v in ("fp32", "bf16", "bf16+channels_last", "channels_last"):
         o, d = f"edit/ours/{v}", f"edit/diffusers/{v}"
         if o in results or d in results:
             say(f"| {v} | {fmt(med(o))} | {fmt(med(d))} | {fmt(ratio(med(o), med(d)))} | "
@@ -778,6 +781,10 @@ def report(results, args):
         say(f"- bf16 autocast speed-up over fp32 (ours): {med('edit/ours/fp32') / med('edit/ours/bf16'):.2f}x")
         max_d, mean_d, _ = compare(results["edit/ours/bf16"]["output"], results["edit/ours/fp32"]["output"])
         say(f"- bf16 drift from fp32, same seed, pixels in [-1, 1]: max |diff| {max_d:.3f}, mean |diff| {mean_d:.4f}")
+    fastest = min((v for v in ("fp32", "bf16", "bf16+channels_last", "channels_last") if med(f"edit/ours/{v}")),
+                  key=lambda v: med(f"edit/ours/{v}"), default=None)
+    if fastest:
+        say(f"- fastest here: {fastest}, {med('edit/ours/fp32') / med(f'edit/ours/{fastest}'):.2f}x fp32's speed")
     for n in (f"edit/{side}/{v}" for v in ("fp32", "bf16") for side in ("ours", "diffusers")):
         if results.get(n):
             say(f"- {n}: {results[n]['minor_faults'] / 1e6:.2f} M page faults and {results[n]['sys_s']:.1f} s "

@@ -171,16 +171,27 @@ def load_image(path, max_pixels=40_000_000):
 # ---------------------------------------------------------------------------------------------
 # Speed switches (bench.py measures each, test_fastpaths.py checks each)
 
-def bf16_autocast(device, enabled=None):
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as Linux's /proc/cpuinfo says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: assume not
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def bf16_autocast(device, enabled=None, native_cpu_too=False):
     """A bfloat16 autocast region for the UNet and text encoder passes, or None for plain fp32.
 
     Weights and optimizer state stay fp32 either way (lr 1e-6 updates would vanish in bf16 weights),
     and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that computes bf16
     natively (compute capability 8.0, Ampere, or newer; older GPUs such as the T4 or V100 only
-    emulate it, slowly), off elsewhere. On a CPU it is faster only with bf16 instructions
-    (AVX512-BF16, AMX) and changes the output slightly; ask for it there with --bf16."""
+    emulate it, slowly), and with native_cpu_too on a CPU that does (edit.py: a whole edit runs
+    about 2x faster there, BENCHMARKS.md); off elsewhere. It changes the output slightly."""
     if enabled is None:
-        enabled = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        enabled = ((device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)) or
+                   (native_cpu_too and device.type == "cpu" and cpu_has_native_bf16()))
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
 
 

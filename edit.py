@@ -1,8 +1,10 @@
 """Edit the fine-tuned photo with a text prompt, at any size (SINE, Sec. 3.2 and 3.3).
 
     python edit.py --target "... covered by snow"
+    python edit.py --from outputs/00012-seed0-K400-v0.7.png --seed 5   # again, with one change
 
 "..." stands for the training prompt without [*] ("a photo of a castle covered by snow").
+Several targets are rendered in turn, with the models loaded once.
 `--K` and `--v` take comma-separated lists: every combination is rendered from the same seed,
 plus a labelled grid. With two or more --finetuned files, "/" separates per-model values:
 `--v 0.8/0.9 --K 400/600`. `--finetuned none` is plain SD text-to-image from the base.
@@ -10,24 +12,30 @@ plus a labelled grid. With two or more --finetuned files, "/" separates per-mode
 import argparse
 import glob
 import itertools
-import json
 import os
+import random
 import sys
 from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
 
 import cli
+import outputs
 import sine
 from model import LATENT_SCALE, load_sd, read_header
 from model.loader import check_sd_v1, fingerprint
+from model.vae import use_tiles
 
 
 def parse_args(argv=None):
+    """The flags; with --from PNG, the PNG's settings are the defaults, so flags given beside it win."""
     p = argparse.ArgumentParser(description="SINE model-guided editing.")
-    p.add_argument("--target", required=True, help='the edit, e.g. "... covered by snow"')
+    p.add_argument("--target", nargs="+", help='the edit, e.g. "... covered by snow"; several are rendered in turn')
+    p.add_argument("--from", dest="from_png", metavar="PNG",
+                   help="every setting from a PNG of ours; flags given beside it override, e.g. --seed 5")
+    p.add_argument("--negative", default="",
+                   help="negative prompt: replaces the empty prompt of the pre-trained model's unconditional pass")
     p.add_argument("--finetuned", nargs="+", help="fine-tuned file(s) from train.py (default: the newest); none: plain SD")
     p.add_argument("--finetuned-prompt", nargs="+", metavar="PROMPT",
                    help='what the fine-tuned model is asked for while it guides, with [*] (default: its training '
@@ -40,14 +48,14 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")
     p.add_argument("--height", type=int, help="multiple of 64 (default: the photo's aspect, 512 on the short side)")
     p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="-1: a random one, recorded in the PNG")
     p.add_argument("--n", type=int, default=1, help="samples, with seeds seed, seed+1, ...")
     p.add_argument("--out", default="outputs", help="folder for the PNGs")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="UNet passes in bfloat16 autocast, the UNets' frozen weights stored in bf16; the text "
-                        "encoder and VAE stay fp32 (default: on with a GPU of compute capability 8.0 or newer, "
-                        "off elsewhere)")
+                        "encoder and VAE stay fp32 (default: on with a GPU of compute capability 8.0 or newer "
+                        "and on a CPU with AVX512-BF16 or AMX, off elsewhere)")
     p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
     p.add_argument("--strip", action="store_true",
@@ -55,7 +63,15 @@ def parse_args(argv=None):
                         "marked (one VAE decode per step)")
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the UNets' convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (the first image is slow)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.from_png:
+        try:
+            settings = outputs.read_settings(args.from_png)
+        except ValueError as e:
+            cli.fail(e)
+        p.set_defaults(**{**settings, "target": [settings["target"]]})
+        args = p.parse_args(argv)
+    return args
 
 
 def parse_sweep(text, flag, n_models, kind, low, high):
@@ -136,8 +152,13 @@ def check_args(args):
         raise ValueError(f"--eta must be between 0 and 1 (got {args.eta})")
     check_size(args.height, "height")
     check_size(args.width, "width")
+    if args.seed == -1:
+        args.seed = random.randrange(2**32)
+        cli.say(f"seed: {args.seed}")
     cli.check_seed(args.seed, args.n)
-    if sine.PLACEHOLDER in args.target:
+    if not args.target:
+        raise ValueError('--target is needed: the edit, e.g. --target "... covered by snow" (or --from PNG)')
+    if any(sine.PLACEHOLDER in target for target in args.target):
         raise ValueError(f"--target is for the pre-trained model, which does not know {sine.PLACEHOLDER}: "
                          'name the class instead ("a castle in snow"), or continue the training prompt ("... in snow")')
     if os.path.isfile(args.out) or args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
@@ -145,36 +166,6 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------------------------------------
-
-def write_png(image, folder, stem, parameters):
-    """Save under a name that is not taken yet (never overwrite); return the path.
-
-    The PNG is written to a temporary file, then linked under its name: a crash never leaves half a PNG.
-    """
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}.png")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        for i in itertools.count():
-            path = os.path.join(folder, f"{stem}{'' if i == 0 else f'-{i}'}.png")
-            try:
-                os.link(tmp, path)  # unlike a rename, a link never replaces a file that exists
-            except FileExistsError:
-                continue
-            except OSError:  # a file system without hard links (FAT, some network shares)
-                if os.path.exists(path):
-                    continue
-                os.replace(tmp, path)
-            return path
-    except OSError as e:
-        cli.fail(f"could not write a PNG in {folder} ({e.strerror or e}); the images written before are intact")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def to_pil(pixels):
     array = ((pixels[0].float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
@@ -228,6 +219,12 @@ def load(args):
     before any weight is read."""
     check_args(args)
     cli.use_huge_pages()
+    if args.from_png:
+        gone = [path for path in [args.base] + (args.finetuned or []) if path not in (None, "none") and
+                not os.path.isfile(path)]
+        if gone:
+            raise ValueError(f"--from {args.from_png} names {gone[0]}, which is not there (any more): pass "
+                             f"{'--base' if gone[0] == args.base else '--finetuned'} with the file's new place")
     files = find_finetuned(args.finetuned)
     Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
     vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)
@@ -244,7 +241,7 @@ def load(args):
     for meta, prompt in zip(metadata, prompts):
         sine.training_prompt(prompt)  # needs [*]
         meta["sampling_prompt"] = prompt
-    if args.target.startswith(("...", "\u2026")) and not metadata:
+    if any(target.startswith(("...", "\u2026")) for target in args.target) and not metadata:
         raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
     source = metadata[0]["source_size"] if metadata else "512x512"
     height, width = default_size(tuple(int(x) for x in source.split("x")), args.height, args.width)
@@ -258,48 +255,56 @@ def load(args):
     return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device)
 
 
+def image_settings(args, s, target, K, v, seed, autocast):
+    """Everything that made one image, under edit.py's flag names: outputs.py writes it into the PNG."""
+    return {"target": target, "negative": args.negative, "finetuned": s.files or ["none"],
+            "finetuned_prompt": [m["sampling_prompt"] for m in s.metadata], "base": args.base,
+            "K": "/".join(map(str, K)), "v": "/".join(f"{x:g}" for x in v), "scale": args.scale,
+            "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
+            "bf16": autocast is not None, "tile_vae": use_tiles(args.tile_vae, s.width * s.height),
+            "channels_last": args.channels_last,
+            "models": [{"prompt": m["prompt"], "steps": int(m["steps"])} for m in s.metadata]}
+
+
 def render(args, s, autocast):
-    """Every seed and every (K, v) of the sweep, as soon as each is sampled: (image, file stem, parameters)."""
-    target = sine.target_prompt(args.target, s.metadata[0]["prompt"] if s.metadata else "")
+    """Every target, seed and (K, v) of the sweep, as soon as each is sampled: (image, file stem, settings)."""
     encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(s.device))
     with torch.no_grad():
-        cond, uncond = encode(s.sd, target), encode(s.sd, "")
+        uncond = encode(s.sd, args.negative)
         guides = [sine.Guide(ft.unet, encode(ft, sine.training_prompt(meta["sampling_prompt"])),
                              sine.full_position_map(ft.config.unet.model_channels, (s.height // 8, s.width // 8),
                                                     s.device) if meta["position_map"] == "True" else None)
                   for ft, meta in zip(s.finetuned, s.metadata)]
-    cli.say(f"target: {target!r}, {s.width}x{s.height}")
-
-    for seed in range(args.seed, args.seed + args.n):
-        cells = {}
-        for (r, K), (c, v) in itertools.product(enumerate(s.Ks), enumerate(s.vs)):
-            for guide, K_i, v_i in zip(guides, K, v):
-                guide.K, guide.v = K_i, v_i
-            generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=generator).to(s.device)
-            estimates = []
-            watch = (lambda t, x0_hat: estimates.append((t, x0_hat))) if args.strip else None
-            with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
-                pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
-                                   autocast=autocast, tiled=args.tile_vae, callback=watch)
-            if not torch.isfinite(pixels).all():  # as a PNG it would be black
-                cli.fail(f"the sample turned nan or inf (seed {seed}, {label(K, v)}), so no PNG was written for it: "
-                         f"check that --base is a working SD v1 file{' and try without --bf16' if autocast else ''}")
-            parameters = {"target": target, "training_prompts": [m["prompt"] for m in s.metadata],
-                          "finetuned_prompts": [m["sampling_prompt"] for m in s.metadata],
-                          "K": list(K) if guides else None, "v": list(v) if guides else None, "scale": args.scale,
-                          "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
-                          "bf16": autocast is not None,
-                          "base": os.path.basename(args.base), "finetuned": [os.path.basename(f) for f in s.files]}
-            image = to_pil(pixels)
-            stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")
-            yield image, stem, parameters
-            if estimates:
-                yield steps_strip(s.sd, estimates, guides), stem + "-steps", parameters
-            cells[r, c] = (image, label(K, v))
-        if len(cells) > 1:
-            yield (grid_image(cells, len(s.Ks), len(s.vs)), f"seed{seed}-grid",
-                   {"grid": "rows K, columns v", "K": args.K, "v": args.v, "seed": seed, "target": target})
+    for target in args.target:
+        target = sine.target_prompt(target, s.metadata[0]["prompt"] if s.metadata else "")
+        with torch.no_grad():
+            cond = encode(s.sd, target)
+        cli.say(f"target: {target!r}, {s.width}x{s.height}")
+        for seed in range(args.seed, args.seed + args.n):
+            cells = {}
+            for (r, K), (c, v) in itertools.product(enumerate(s.Ks), enumerate(s.vs)):
+                for guide, K_i, v_i in zip(guides, K, v):
+                    guide.K, guide.v = K_i, v_i
+                generator = torch.Generator().manual_seed(seed)
+                noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=generator).to(s.device)
+                estimates = []
+                watch = (lambda t, x0_hat: estimates.append((t, x0_hat))) if args.strip else None
+                with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
+                    pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
+                                       autocast=autocast, tiled=args.tile_vae, callback=watch)
+                if not torch.isfinite(pixels).all():  # as a PNG it would be black
+                    cli.fail(f"the sample turned nan or inf (seed {seed}, {label(K, v)}), so no PNG was written for "
+                             f"it: check that --base is a working SD v1 file{' and try without --bf16' if autocast else ''}")
+                settings = image_settings(args, s, target, K, v, seed, autocast)
+                image = to_pil(pixels)
+                stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")
+                yield image, stem, settings
+                if estimates:
+                    yield steps_strip(s.sd, estimates, guides), stem + "-steps", settings
+                cells[r, c] = (image, label(K, v))
+            if len(cells) > 1:
+                yield (grid_image(cells, len(s.Ks), len(s.vs)), f"seed{seed}-grid",
+                       {**settings, "K": args.K, "v": args.v, "grid": "rows K, columns v"})
 
 
 def main(argv=None):
@@ -310,16 +315,18 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         cli.fail(e)
     cli.say(f"base: {setup.sd.description}")
-    autocast = cli.bf16_autocast(setup.device, args.bf16)
+    autocast = cli.bf16_autocast(setup.device, args.bf16, native_cpu_too=True)
     cli.say(f"precision: {'bf16 autocast' if autocast else 'fp32'} on {setup.device}")
     for loaded in [setup.sd] + setup.finetuned:
         cli.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
     written = []
     try:
-        for image, stem, parameters in render(args, setup, autocast):
+        for image, stem, settings in render(args, setup, autocast):
             with cli.hold_ctrl_c():  # so that every PNG on disk is printed and counted
-                written.append(write_png(image, args.out, stem, parameters))
+                written.append(outputs.write_png(image, args.out, stem, settings))
                 print(written[-1], flush=True)
+    except OSError as e:
+        cli.fail(f"could not write a PNG in {args.out} ({e.strerror or e}); the {len(written)} written before are intact")
     except KeyboardInterrupt:
         cli.say(f"interrupted: the {len(written)} PNG(s) written so far are kept")
         sys.exit(130)

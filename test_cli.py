@@ -15,8 +15,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
+
+import cli  # the repository's copy; the scripts run from a copy of it
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SOURCE_SIZE = (112, 72)  # (w, h): wide, and 512 on the short side makes the long side 796, not a multiple of 64
@@ -49,8 +52,9 @@ def printed_paths(result, cwd):
 
 
 def parameters(path):
+    """The settings edit.py records, as JSON under edit.py's flag names (outputs.py)."""
     with Image.open(path) as image:
-        return json.loads(image.text["parameters"])
+        return json.loads(image.text["sine"])
 
 
 def pixels(path):
@@ -76,7 +80,7 @@ def expected_default_size(source_size):
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sine-cli")
-    for name in ("train.py", "edit.py", "cli.py", "sine.py"):
+    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py"):
         shutil.copy(os.path.join(REPO, name), root / name)
     shutil.copytree(os.path.join(REPO, "model"), root / "model",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -180,8 +184,8 @@ def test_edit_nonsquare_size(nonsquare_runs, trained_patch):
     p = parameters(path)
     assert (p["width"], p["height"]) == (192, 128)
     assert p["target"] == SNOW
-    assert p["finetuned"] == [os.path.basename(trained_patch["path"])]
-    assert p["base"] == "tiny.safetensors"
+    assert p["finetuned"] == [trained_patch["path"]]
+    assert os.path.basename(p["base"]) == "tiny.safetensors"
 
 
 def test_edit_is_deterministic(nonsquare_runs):
@@ -207,7 +211,7 @@ def sweep(workdir, trained_patch):
     for path in paths:
         if path not in grids:
             p = parameters(path)
-            singles[p["K"][0], p["v"][0]] = path
+            singles[int(p["K"]), float(p["v"])] = path
     return {"paths": paths, "grids": grids, "singles": singles}
 
 
@@ -217,19 +221,19 @@ def test_sweep_writes_every_combination_and_a_grid(sweep, trained_patch):
     assert set(sweep["singles"]) == {(400, 0.5), (400, 1.0), (900, 0.5), (900, 1.0)}
     for (K, v), path in sweep["singles"].items():
         p = parameters(path)
-        assert p["K"] == [K] and p["v"] == [v]
+        assert (int(p["K"]), float(p["v"])) == (K, v)
         assert p["seed"] == 3
         assert (p["width"], p["height"]) == (128, 64)
         assert p["target"] == SNOW
-        assert p["training_prompts"] == [PROMPT]
-        assert p["base"] == "tiny.safetensors"
-        assert p["finetuned"] == [os.path.basename(trained_patch["path"])]
+        assert [m["prompt"] for m in p["models"]] == [PROMPT]
+        assert os.path.basename(p["base"]) == "tiny.safetensors"
+        assert p["finetuned"] == [trained_patch["path"]]
         with Image.open(path) as image:
             assert image.size == (128, 64)
     (grid,) = sweep["grids"]
     with Image.open(grid) as image:
         assert image.size == (2 * 128, 2 * 64)
-    assert parameters(grid)["seed"] == 3
+    assert parameters(grid)["seed"] == 3 and parameters(grid)["K"] == "400,900"
 
 
 def test_sweep_guidance_follows_K_and_v(sweep):
@@ -247,8 +251,8 @@ def test_finetuned_none_is_plain_sd(workdir, sweep, tmp_path):
                  "--steps", 2, "--seed", 3, "--out", "plain", cwd=str(tmp_path))
     (path,) = printed_paths(result, str(tmp_path))
     p = parameters(path)
-    assert p["finetuned"] == [] and p["training_prompts"] == []
-    assert p["base"] == "tiny.safetensors"
+    assert p["finetuned"] == ["none"] and p["models"] == []
+    assert os.path.basename(p["base"]) == "tiny.safetensors"
     assert (p["width"], p["height"], p["seed"]) == (128, 64, 3)
     assert np.array_equal(pixels(path), pixels(sweep["singles"][400, 1.0]))
 
@@ -260,9 +264,9 @@ def test_two_models_guide_one_edit(workdir, trained_patch, trained_nopatch):
                  "--height", 64, "--width", 64, "--steps", 2, "--out", out)
     (path,) = printed_paths(result, workdir)
     p = parameters(path)
-    assert p["K"] == [400, 600] and p["v"] == [0.8, 0.9]
-    assert p["finetuned"] == [os.path.basename(trained_patch["path"]), os.path.basename(trained_nopatch["path"])]
-    assert p["training_prompts"] == [PROMPT, STYLE_PROMPT]
+    assert p["K"] == "400/600" and p["v"] == "0.8/0.9"
+    assert p["finetuned"] == [trained_patch["path"], trained_nopatch["path"]]
+    assert [m["prompt"] for m in p["models"]] == [PROMPT, STYLE_PROMPT]
     with Image.open(path) as image:
         assert image.size == (64, 64)
 
@@ -284,9 +288,172 @@ def test_default_finetuned_is_newest_and_default_size_follows_photo(workdir, tra
     (path,) = printed_paths(result, workdir)
     assert os.path.relpath(path, workdir).startswith("outputs" + os.sep)
     p = parameters(path)
-    assert p["finetuned"] == [newest]
+    assert [os.path.basename(f) for f in p["finetuned"]] == [newest]
     height, width = expected_default_size(SOURCE_SIZE)
     assert min(height, width) == 512 and height % 64 == 0 and width % 64 == 0
     assert (p["width"], p["height"]) == (width, height)
     with Image.open(path) as image:
         assert image.size == (width, height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting the SD ecosystem: AUTOMATIC1111's parameters, --from, --negative, several targets, export
+
+def parse_a1111(text):
+    """How AUTOMATIC1111 and the tools that copy it read a `parameters` text: prompt lines, then a
+    'Negative prompt:' line, then one line of 'key: value' pairs separated by commas, where a value
+    holding a comma, colon or quote is JSON-quoted. Returns (prompt, negative, {key: value})."""
+    *lines, last = text.split("\n")
+    negative_at = next(i for i, line in enumerate(lines) if line.startswith("Negative prompt: "))
+    prompt = "\n".join(lines[:negative_at])
+    negative = "\n".join(lines[negative_at:])[len("Negative prompt: "):]
+    fields, rest = {}, last
+    while rest:
+        key, rest = rest.split(": ", 1)
+        if rest.startswith('"'):
+            value, end = json.JSONDecoder().raw_decode(rest)
+            rest = rest[end:]
+        else:
+            value, _, rest = rest.partition(",")
+        fields[key] = value
+        rest = rest.lstrip(", ")
+    return prompt, negative, fields
+
+
+def a1111_fields(path):
+    with Image.open(path) as image:
+        return parse_a1111(image.text["parameters"])
+
+
+NEGATIVE = 'blurry, "low" quality: bad'
+SAMPLING_PROMPT = 'a photo of a [*] castle, "seen": at dusk'  # in the parameters line, it must be quoted
+
+
+@pytest.fixture(scope="session")
+def negative_run(workdir, trained_patch, tmp_path_factory):
+    out = tmp_path_factory.mktemp("negative")
+    command = ["--target", "... in snow", "--finetuned", trained_patch["path"], "--finetuned-prompt", SAMPLING_PROMPT,
+               "--height", 64, "--width", 128, "--steps", 2, "--seed", 3, "--out", out]
+    (path,) = printed_paths(run(workdir, "edit.py", *command, "--negative", NEGATIVE), workdir)
+    (plain,) = printed_paths(run(workdir, "edit.py", *command), workdir)
+    return path, plain
+
+
+def test_parameters_read_back_with_an_a1111_parser(negative_run, trained_patch):
+    path, _ = negative_run
+    prompt, negative, fields = a1111_fields(path)
+    p = parameters(path)
+    assert (prompt, negative) == (SNOW, NEGATIVE)
+    assert fields == {"Steps": "2", "Sampler": "DDIM", "CFG scale": "7.5", "Seed": "3", "Size": "128x64",
+                      "Model": "tiny", "Eta": "0.0", "SINE model": os.path.basename(trained_patch["path"]),
+                      "SINE model steps": "2", "SINE training prompt": PROMPT, "SINE prompt": SAMPLING_PROMPT,
+                      "SINE K": "400", "SINE v": "0.7", "bf16": str(cli.cpu_has_native_bf16()), "Tiled VAE": "False",
+                      "channels_last": "False"}
+    # every setting that changes the pixels is in the text, with the value edit.py used
+    assert (fields["Steps"], fields["Seed"], fields["SINE K"], fields["SINE v"]) == \
+        (str(p["steps"]), str(p["seed"]), p["K"], p["v"])
+
+
+def test_negative_prompt_changes_the_output_and_is_recorded(negative_run):
+    path, plain = negative_run
+    assert parameters(path)["negative"] == NEGATIVE and parameters(plain)["negative"] == ""
+    assert a1111_fields(plain)[1] == ""
+    assert not np.array_equal(pixels(path), pixels(plain))
+
+
+def test_from_reproduces_the_pixels_and_an_override_changes_only_what_it_names(workdir, negative_run, tmp_path):
+    path, _ = negative_run
+    (again,) = printed_paths(run(workdir, "edit.py", "--from", path, "--out", tmp_path / "again"), workdir)
+    assert np.array_equal(pixels(again), pixels(path))
+    assert parameters(again) == parameters(path)
+    for flag, value, key in [("--seed", 5, "seed"), ("--K", 900, "K")]:
+        (changed,) = printed_paths(run(workdir, "edit.py", "--from", path, flag, value, "--out", tmp_path / key),
+                                   workdir)
+        assert parameters(changed) == {**parameters(path), key: value if key == "seed" else str(value)}
+        assert not np.array_equal(pixels(changed), pixels(path))
+
+
+def test_two_targets_in_one_run_give_the_pixels_of_two_runs(workdir, trained_patch, tmp_path):
+    common = ["--finetuned", trained_patch["path"], "--height", 64, "--width", 64, "--steps", 2, "--n", 2]
+    both = printed_paths(run(workdir, "edit.py", "--target", "... in snow", "a red tower", *common,
+                             "--out", tmp_path / "both"), workdir)
+    alone = [p for target in ("... in snow", "a red tower") for p in
+             printed_paths(run(workdir, "edit.py", "--target", target, *common, "--out", tmp_path / target), workdir)]
+    assert len(both) == len(alone) == 4
+    for one, other in zip(both, alone):
+        assert parameters(one) == parameters(other)
+        assert np.array_equal(pixels(one), pixels(other))
+
+
+def test_names_sort_by_run_and_a_random_seed_is_recorded(workdir, tmp_path):
+    out = tmp_path / "runs"
+    runs = [run(workdir, "edit.py", "--target", "a castle", "--finetuned", "none", "--height", 64, "--width", 64,
+                "--steps", 1, "--seed", -1, "--out", out) for _ in range(2)]
+    paths = [printed_paths(result, workdir)[0] for result in runs]
+    assert sorted(os.listdir(out)) == [os.path.basename(p) for p in paths]
+    assert [os.path.basename(p)[:6] for p in paths] == ["00000-", "00001-"]
+    for result, path in zip(runs, paths):
+        seed = parameters(path)["seed"]
+        assert f"seed: {seed}" in result.stderr and f"-seed{seed}" in path
+    assert parameters(paths[0])["seed"] != parameters(paths[1])["seed"]
+
+
+@pytest.mark.parametrize("png", ["photo", "grid", "gone"])
+def test_from_a_png_it_cannot_use_gets_one_line(workdir, sweep, trained_patch, negative_run, tmp_path, png):
+    if png == "photo":
+        source = os.path.join(workdir, "castle.png")
+    elif png == "grid":
+        (source,) = sweep["grids"]
+    else:  # a PNG whose fine-tuned file has since moved
+        moved = os.path.join(workdir, "finetuned", "moved.safetensors")
+        shutil.copy(trained_patch["path"], moved)
+        result = run(workdir, "edit.py", "--target", "a castle", "--finetuned", moved, "--height", 64, "--width",
+                     64, "--steps", 1, "--out", tmp_path / "made")
+        (source,) = printed_paths(result, workdir)
+        os.remove(moved)
+    result = run(workdir, "edit.py", "--from", source, "--out", tmp_path / "out", check=False)
+    assert result.returncode != 0 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert {"photo": "holds no settings", "grid": "is a grid", "gone": "moved.safetensors"}[png] in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_is_a_complete_checkpoint_that_diffusers_reads(workdir, base, trained_patch, tmp_path):
+    import sine
+    from model import load_sd
+    from test_model import reference_clip, reference_unet, reference_vae
+    out = tmp_path / "castle-full.safetensors"
+    (path,) = printed_paths(run(workdir, "export.py", trained_patch["path"], "--out", out), workdir)
+    exported = load_sd(path)
+    finetuned = sine.apply_finetuned(load_sd(base), trained_patch["path"])
+    for part in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(exported, part).state_dict(), getattr(finetuned, part).state_dict()
+        assert ours.keys() == theirs.keys()
+        for name in ours:  # base + differences, rounded once to fp16
+            assert torch.equal(ours[name], theirs[name].half().float()), (part, name)
+    assert not torch.equal(exported.unet.state_dict()["out.2.weight"], load_sd(base).unet.state_dict()["out.2.weight"])
+
+    # diffusers' single-file converter reads it, and its modules compute what ours compute
+    cfg = exported.config
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(1, cfg.unet.in_channels, 8, 8, generator=generator)
+    context = torch.randn(1, 77, cfg.unet.context_dim, generator=generator)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        assert torch.allclose(reference_unet(cfg.unet, path)(z, t, encoder_hidden_states=context).sample, exported.unet(z, t, context),
+                              atol=1e-5)
+        ids = exported.tokenizer(["a photo of a sks castle"])
+        assert torch.allclose(reference_clip(cfg.text_encoder, path)(input_ids=ids).last_hidden_state,
+                              exported.text_encoder(ids), atol=1e-5)
+        image = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
+        assert torch.allclose(reference_vae(cfg.vae, path).encode(image).latent_dist.mean,
+                              exported.vae.encode(image)[0], atol=1e-5)
+
+
+def test_export_never_replaces_a_file_without_overwrite(workdir, trained_patch, tmp_path):
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"mine")
+    result = run(workdir, "export.py", trained_patch["path"], "--out", out, check=False)
+    assert result.returncode != 0 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "--overwrite" in result.stderr
+    assert out.read_bytes() == b"mine" and os.listdir(tmp_path) == ["exists.safetensors"]

@@ -68,7 +68,7 @@ def test_one_minute_check_runs_as_written(tmp_path):
 @pytest.fixture
 def user_folder(tmp_path):
     """The program as a user holds it, with a tiny checkpoint as the one file in weights/."""
-    for name in ("train.py", "edit.py", "cli.py", "sine.py", "figures.py"):
+    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py", "figures.py"):
         shutil.copy(os.path.join(REPO, name), tmp_path / name)
     for folder in ("model", "weights", "examples"):
         shutil.copytree(os.path.join(REPO, folder), tmp_path / folder,
