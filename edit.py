@@ -195,9 +195,13 @@ def steps_strip(sd, estimates, guides, columns=10):
     return grid_image(cells, -(-len(estimates) // columns), min(columns, len(estimates)))
 
 
+def joined(values, sep="/"):
+    """(400, 600) -> '400/600', as --K and --v take them; (0.8,) -> '0.8'."""
+    return sep.join(f"{x:g}" for x in values)
+
+
 def label(K, v):
-    show = lambda xs: "/".join(f"{x:g}" for x in xs)
-    return f"K={show(K)} v={show(v)}"
+    return f"K={joined(K)} v={joined(v)}"
 
 
 @dataclass
@@ -259,7 +263,7 @@ def image_settings(args, s, target, K, v, seed, autocast):
     """Everything that made one image, under edit.py's flag names: outputs.py writes it into the PNG."""
     return {"target": target, "negative": args.negative, "finetuned": s.files or ["none"],
             "finetuned_prompt": [m["sampling_prompt"] for m in s.metadata], "base": args.base,
-            "K": "/".join(map(str, K)), "v": "/".join(f"{x:g}" for x in v), "scale": args.scale,
+            "K": joined(K), "v": joined(v), "scale": args.scale,
             "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
             "bf16": autocast is not None, "tile_vae": use_tiles(args.tile_vae, s.width * s.height),
             "channels_last": args.channels_last,
@@ -297,7 +301,7 @@ def render(args, s, autocast):
                              f"it: check that --base is a working SD v1 file{' and try without --bf16' if autocast else ''}")
                 settings = image_settings(args, s, target, K, v, seed, autocast)
                 image = to_pil(pixels)
-                stem = f"seed{seed}" + (f"-K{'_'.join(map(str, K))}-v{'_'.join(f'{x:g}' for x in v)}" if guides else "")
+                stem = f"seed{seed}" + (f"-K{joined(K, '_')}-v{joined(v, '_')}" if guides else "")
                 yield image, stem, settings
                 if estimates:
                     yield steps_strip(s.sd, estimates, guides), stem + "-steps", settings

@@ -55,9 +55,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         cli.fail(e)
     dtype = torch.float32 if args.fp32 else torch.float16
-    weights = {PREFIXES[part] + name: weight for part, module in
-               {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}.items()
-               for name, weight in module.state_dict().items()}
+    weights = {PREFIXES[part] + name: weight for part in PREFIXES  # unet, vae, text_encoder
+               for name, weight in getattr(sd, part).state_dict().items()}
     try:
         with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
             write_safetensors(f, {key: w.shape for key, w in weights.items()},
