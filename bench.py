@@ -453,7 +453,7 @@ def train_inputs(job, tokenizer, device):
 
     import sine
     from model.schedule import alphas_cumprod
-    pixels = np.random.default_rng(1).integers(0, 256, (sine.CANVAS, sine.CANVAS, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(1).integers(0, 256, (sine.SD_V1.canvas, sine.SD_V1.canvas, 3), dtype=np.uint8)
     canvas = sine.make_canvas(Image.fromarray(pixels))
     ids = tokenizer([sine.training_prompt(PROMPT)]).to(device)
     full_map = sine.position_map(sd_config(job.tiny).unet.model_channels).to(device)

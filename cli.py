@@ -35,16 +35,20 @@ def is_finetuned(path):
     return "sine.finetuned" in (read_header(path).get("__metadata__") or {})
 
 
+TOY_BASE = "toy-base.safetensors"  # the toy world's base, committed in weights/; used only when named
+
+
 def find_base(path=None):
-    """--base if given, else the one SD v1 .safetensors file in weights/."""
+    """--base if given, else the one SD v1 .safetensors file in weights/ (the toy base does not count)."""
     if path:
         return path
-    candidates = sorted(p for p in glob.glob(os.path.join(WEIGHTS_DIR, "*.safetensors")) if not _safe_is_finetuned(p))
+    candidates = sorted(p for p in glob.glob(os.path.join(WEIGHTS_DIR, "*.safetensors"))
+                        if os.path.basename(p) != TOY_BASE and not _safe_is_finetuned(p))
     if len(candidates) == 1:
         return candidates[0]
-    found = ", ".join(os.path.basename(p) for p in candidates) or "no .safetensors file"
+    found = ", ".join(os.path.basename(p) for p in candidates) or "no SD v1 .safetensors file"
     raise CheckpointError(f"weights/ holds {found}: put exactly one SD v1 .safetensors file there, "
-                          "or choose one with --base PATH (see README: Weights)")
+                          f"or choose one with --base PATH (see README: Weights; the toy world's is weights/{TOY_BASE})")
 
 
 def _safe_is_finetuned(path):

@@ -24,7 +24,7 @@ import cli
 import outputs
 import sine
 from model import LATENT_SCALE, load_sd, read_header
-from model.loader import check_sd_v1, fingerprint
+from model.loader import fingerprint, read_config
 from model.vae import use_tiles
 
 
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance weight w")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")
-    p.add_argument("--height", type=int, help="multiple of 64 (default: the photo's aspect, 512 on the short side)")
+    p.add_argument("--height", type=int, help="multiple of 64 for SD v1 (default: the photo's aspect, with the base's native "
+                                          "size on the short side: 512 for SD v1)")
     p.add_argument("--width", type=int)
     p.add_argument("--seed", type=int, default=0, help="-1: a random one, recorded in the PNG")
     p.add_argument("--n", type=int, default=1, help="samples, with seeds seed, seed+1, ...")
@@ -94,20 +95,26 @@ def parse_sweep(text, flag, n_models, kind, low, high):
 MAX_SIZE = 4096  # pixels a side; SD v1 was trained at 512, and far beyond this the VAE decoder fits no GPU
 
 
-def check_size(value, flag):
-    if value is not None and (value < 64 or value > MAX_SIZE or value % 64):
-        clamp = lambda x: min(max(x, 64), MAX_SIZE)
-        nearest = sorted({clamp(value // 64 * 64), clamp(-(-value // 64) * 64)})
-        raise ValueError(f"--{flag} {value}: must be a multiple of 64 from 64 to {MAX_SIZE} "
+def size_step(config):
+    """Sides must be multiples of this: the VAE's factor times the UNet's halvings, 8 x 8 = 64 for SD v1."""
+    return config.vae.factor * 2 ** (len(config.unet.channel_mult) - 1)
+
+
+def check_size(value, flag, step=64):
+    if value is not None and (value < step or value > MAX_SIZE or value % step):
+        clamp = lambda x: min(max(x, step), MAX_SIZE)
+        nearest = sorted({clamp(value // step * step), clamp(-(-value // step) * step)})
+        raise ValueError(f"--{flag} {value}: must be a multiple of {step} from {step} to {MAX_SIZE} "
                          f"(nearest: {' or '.join(map(str, nearest))})")
 
 
-def default_size(source_size, height, width):
-    """The source photo's aspect ratio, rounded to multiples of 64: 512 on the short side, or the
-    one side given."""
+def default_size(source_size, height, width, native=512, step=64):
+    """The source photo's aspect ratio, rounded to multiples of step: the base's native size (512
+    for SD v1) on the short side, or the one side given."""
     w, h = source_size
-    scale = height / h if height else width / w if width else 512 / min(w, h)
-    return height or max(64, round(h * scale / 64) * 64), width or max(64, round(w * scale / 64) * 64)
+    scale = height / h if height else width / w if width else native / min(w, h)
+    rounded = lambda x: max(step, round(x * scale / step) * step)
+    return height or rounded(h), width or rounded(w)
 
 
 def find_finetuned(paths):
@@ -150,8 +157,6 @@ def check_args(args):
         raise ValueError(f"--n must be at least 1 (got {args.n})")
     if not 0 <= args.eta <= 1:
         raise ValueError(f"--eta must be between 0 and 1 (got {args.eta})")
-    check_size(args.height, "height")
-    check_size(args.width, "width")
     if args.seed == -1:
         args.seed = random.randrange(2**32)
         cli.say(f"seed: {args.seed}")
@@ -237,7 +242,10 @@ def load(args):
     if any(sum(1 - x for x in v) > 1 for v in vs):
         raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
     args.base = cli.find_base(args.base)
-    check_sd_v1(args.base)
+    config = read_config(args.base)  # also refuses anything but an SD v1 file
+    step = size_step(config)
+    check_size(args.height, "height", step)
+    check_size(args.width, "width", step)
     metadata = [read_finetuned(path, args.base) for path in files]
     prompts = args.finetuned_prompt or [m["prompt"] for m in metadata]
     if len(prompts) != len(metadata):
@@ -247,8 +255,9 @@ def load(args):
         meta["sampling_prompt"] = prompt
     if any(target.startswith(("...", "\u2026")) for target in args.target) and not metadata:
         raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
-    source = metadata[0]["source_size"] if metadata else "512x512"
-    height, width = default_size(tuple(int(x) for x in source.split("x")), args.height, args.width)
+    source = metadata[0]["source_size"] if metadata else f"{config.image_size}x{config.image_size}"
+    height, width = default_size(tuple(int(x) for x in source.split("x")), args.height, args.width,
+                                 config.image_size, step)
     if max(height, width) > MAX_SIZE:
         raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {MAX_SIZE} a side: "
                          "choose the size with --height and --width")
@@ -257,6 +266,12 @@ def load(args):
     sd = load_sd(args.base, device=device)
     finetuned = [sine.apply_finetuned(load_sd(args.base, device=device), path) for path in files]
     return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device)
+
+
+def trained_sizes(finetuned, metadata):
+    """The canvas and crops it was fine-tuned with; files from before sizes were recorded are SD v1's."""
+    sizes = sine.sizes_for(finetuned.config)
+    return sine.Sizes(int(metadata.get("crop", sizes.crop)), sizes.cell)
 
 
 def image_settings(args, s, target, K, v, seed, autocast):
@@ -273,11 +288,12 @@ def image_settings(args, s, target, K, v, seed, autocast):
 def render(args, s, autocast):
     """Every target, seed and (K, v) of the sweep, as soon as each is sampled: (image, file stem, settings)."""
     encode = lambda model, prompt: model.text_encoder(model.tokenizer([prompt]).to(s.device))
+    latent_size = (s.height // s.sd.config.vae.factor, s.width // s.sd.config.vae.factor)
     with torch.no_grad():
         uncond = encode(s.sd, args.negative)
         guides = [sine.Guide(ft.unet, encode(ft, sine.training_prompt(meta["sampling_prompt"])),
-                             sine.full_position_map(ft.config.unet.model_channels, (s.height // 8, s.width // 8),
-                                                    s.device) if meta["position_map"] == "True" else None)
+                             sine.full_position_map(ft.config.unet.model_channels, latent_size, s.device,
+                                                    trained_sizes(ft, meta)) if meta["position_map"] == "True" else None)
                   for ft, meta in zip(s.finetuned, s.metadata)]
     for target in args.target:
         target = sine.target_prompt(target, s.metadata[0]["prompt"] if s.metadata else "")
@@ -290,7 +306,7 @@ def render(args, s, autocast):
                 for guide, K_i, v_i in zip(guides, K, v):
                     guide.K, guide.v = K_i, v_i
                 generator = torch.Generator().manual_seed(seed)
-                noise = torch.randn((1, 4, s.height // 8, s.width // 8), generator=generator).to(s.device)
+                noise = torch.randn((1, 4, *latent_size), generator=generator).to(s.device)
                 estimates = []
                 watch = (lambda t, x0_hat: estimates.append((t, x0_hat))) if args.strip else None
                 with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):

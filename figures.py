@@ -58,7 +58,7 @@ def crops_picture(image, full_map, seed=0, count=4):
     top = Image.new("RGB", (count * TILE, 2 * TILE), "white")
     shown = canvas.resize((2 * TILE, 2 * TILE), Image.BICUBIC)
     draw = ImageDraw.Draw(shown)
-    scale = 2 * TILE / sine.GRID
+    scale = 2 * TILE / sine.SD_V1.grid
     for crop_box, colour in zip(crop_boxes, COLOURS):
         y0, x0, y1, x1 = (c * scale for c in crop_box)
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=2)

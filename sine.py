@@ -62,9 +62,30 @@ def target_prompt(target, prompt):
 # fixed sinusoidal map of (x, y) positions to the UNet's first feature map, so each crop is told
 # where it came from; at sampling time the whole map, stretched to any H x W, lays out the scene.
 
-CANVAS = 1024          # the source image is resized to CANVAS x CANVAS before cropping
-GRID = CANVAS // 8     # position cells per side: one per latent pixel of the canvas
-CROP = 512             # every crop is resized to CROP x CROP before encoding
+
+@dataclass(frozen=True)
+class Sizes:
+    """SINE's sizes follow the base model. Every crop is resized to the base's native resolution,
+    and the canvas the crops are cut from is twice that: 512 and 1024 for SD v1. The position map
+    has one cell per latent pixel of the canvas: 128 x 128 cells of 8 pixels for SD v1."""
+    crop: int = 512   # pixels a side: the base's native resolution
+    cell: int = 8     # pixels per latent pixel, the VAE's factor
+
+    @property
+    def canvas(self):
+        return 2 * self.crop
+
+    @property
+    def grid(self):
+        return self.canvas // self.cell
+
+
+SD_V1 = Sizes()
+
+
+def sizes_for(config):
+    """The sizes for a base model's SDConfig."""
+    return Sizes(crop=config.image_size, cell=config.vae.factor)
 
 
 def axis_embedding(positions, dim):
@@ -75,13 +96,13 @@ def axis_embedding(positions, dim):
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).T   # (dim, N)
 
 
-def position_map(channels, rows=None, cols=None):
-    """The map at grid rows x cols (1-based positions; default the whole GRID): (channels, R, C).
+def position_map(channels, rows=None, cols=None, sizes=SD_V1):
+    """The map at grid rows x cols (1-based positions; default the whole grid): (channels, R, C).
 
     The first half of the channels varies along the width (x), the second half along the height (y).
     """
-    rows = torch.arange(1, GRID + 1) if rows is None else rows
-    cols = torch.arange(1, GRID + 1) if cols is None else cols
+    rows = torch.arange(1, sizes.grid + 1) if rows is None else rows
+    cols = torch.arange(1, sizes.grid + 1) if cols is None else cols
     x = axis_embedding(cols, channels // 2)[:, None, :].expand(-1, len(rows), -1)
     y = axis_embedding(rows, channels // 2)[:, :, None].expand(-1, -1, len(cols))
     return torch.cat([x, y], dim=0)
@@ -107,24 +128,25 @@ def to_tensor(image, size):
     return (pixels.view(size[0], size[1], 3).permute(2, 0, 1)[None].float() / 127.5 - 1.0)
 
 
-def make_canvas(image):
-    """The photo resized to CANVAS x CANVAS (bicubic): the aspect is not kept, the position map
+def make_canvas(image, sizes=SD_V1):
+    """The photo resized to the square canvas (bicubic): the aspect is not kept, the position map
     restores it at sampling time. Stays a PIL image, so that each crop is resampled from 8-bit pixels."""
-    return image.resize((CANVAS, CANVAS), Image.BICUBIC)
+    return image.resize((sizes.canvas, sizes.canvas), Image.BICUBIC)
 
 
-def sample_crop_box(generator):
+def sample_crop_box(generator, sizes=SD_V1):
     """Crop height and width drawn independently from [0.1, 1) of the grid, at a random offset."""
-    h, w = (int(GRID * (0.1 + 0.9 * torch.rand((), generator=generator).item())) for _ in range(2))
-    y0 = int(torch.randint(0, GRID - h + 1, (), generator=generator))
-    x0 = int(torch.randint(0, GRID - w + 1, (), generator=generator))
+    grid = sizes.grid
+    h, w = (int(grid * (0.1 + 0.9 * torch.rand((), generator=generator).item())) for _ in range(2))
+    y0 = int(torch.randint(0, grid - h + 1, (), generator=generator))
+    x0 = int(torch.randint(0, grid - w + 1, (), generator=generator))
     return [y0, x0, y0 + h, x0 + w]
 
 
-def crop_pixels(canvas, crop_box):
-    """The canvas region of crop_box (grid cells, 8 pixels each), resized to CROP x CROP: (1, 3, 512, 512)."""
-    y0, x0, y1, x1 = (8 * c for c in crop_box)
-    return to_tensor(canvas.crop((x0, y0, x1, y1)), (CROP, CROP))
+def crop_pixels(canvas, crop_box, sizes=SD_V1):
+    """The canvas region of crop_box (grid cells), resized to the crop size: (1, 3, 512, 512) for SD v1."""
+    y0, x0, y1, x1 = (sizes.cell * c for c in crop_box)
+    return to_tensor(canvas.crop((x0, y0, x1, y1)), (sizes.crop, sizes.crop))
 
 
 @torch.no_grad()
@@ -166,12 +188,12 @@ class Example:
     position: torch.Tensor | None    # (1, C, 64, 64) position map of the crop, None without patches
 
 
-def sample_example(vae, canvas, patch, generator, full_map=None):
+def sample_example(vae, canvas, patch, generator, full_map=None, sizes=SD_V1):
     """Patch mode: a random crop of the canvas and its position map. Otherwise: the whole image."""
     if not patch:
-        return Example(encode(vae, crop_pixels(canvas, [0, 0, GRID, GRID]), generator), None)
-    crop_box = sample_crop_box(generator)
-    z0 = encode(vae, crop_pixels(canvas, crop_box), generator)
+        return Example(encode(vae, crop_pixels(canvas, [0, 0, sizes.grid, sizes.grid], sizes), generator), None)
+    crop_box = sample_crop_box(generator, sizes)
+    z0 = encode(vae, crop_pixels(canvas, crop_box, sizes), generator)
     return Example(z0, crop_position_map(full_map, crop_box, z0.shape[-2:]).to(z0))
 
 
@@ -200,12 +222,12 @@ class NonFiniteLoss(ArithmeticError):
     """The loss became nan or inf: the run has diverged."""
 
 
-def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None):
+def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1):
     """One step on one example: forward, then backward, during which adamw_in_backward (set up once
     beforehand) updates the weights. Both the UNet and the text encoder learn; the VAE is frozen.
 
     A nan or inf loss raises NonFiniteLoss before backward, so no weight is touched by it."""
-    example = sample_example(sd.vae, canvas, patch, generator, full_map)
+    example = sample_example(sd.vae, canvas, patch, generator, full_map, sizes)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=generator).to(example.z0.device)
     noise = torch.randn(example.z0.shape, generator=generator).to(example.z0)
     with autocast or torch.autocast(example.z0.device.type, enabled=False):
@@ -284,9 +306,10 @@ def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generato
     return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
 
 
-def full_position_map(channels, size, device=None):
+def full_position_map(channels, size, device=None, sizes=SD_V1):
     """The whole map stretched to a latent of size (h, w): the layout of the photo at any aspect."""
-    return crop_position_map(position_map(channels), [0, 0, GRID, GRID], size).to(device)
+    whole = [0, 0, sizes.grid, sizes.grid]
+    return crop_position_map(position_map(channels, sizes=sizes), whole, size).to(device)
 
 
 # ---------------------------------------------------------------------------------------------

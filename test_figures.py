@@ -59,7 +59,7 @@ def test_each_crop_is_cut_from_its_box_and_brings_the_map_of_its_box():
     tile = figures.TILE
     for col, (y0, x0, y1, x1) in enumerate(crop_boxes):
         crop_map = np.asarray(picture.crop((col * tile, 3 * tile, (col + 1) * tile, 4 * tile)), dtype=np.int16)
-        whole_map = np.asarray(figures.as_colour(full_map).resize((sine.GRID, sine.GRID)), dtype=np.int16)
+        whole_map = np.asarray(figures.as_colour(full_map).resize((sine.SD_V1.grid, sine.SD_V1.grid)), dtype=np.int16)
         # the crop's map at its bottom-right corner has the whole map's colour at the box's corner
         assert np.abs(crop_map[-1, -1, :2] - whole_map[y1 - 1, x1 - 1, :2]).max() <= 3
 

@@ -91,7 +91,7 @@ def test_training_step_trains_on_the_authors_loss(base_path):
     for patch in (True, False):
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():  # the draws of sine.training_step, in its order
-            crop_box = sine.sample_crop_box(g) if patch else [0, 0, sine.GRID, sine.GRID]
+            crop_box = sine.sample_crop_box(g) if patch else [0, 0, sine.SD_V1.grid, sine.SD_V1.grid]
             z0 = sine.encode(sd.vae, sine.crop_pixels(canvas(), crop_box), g)
             t = torch.randint(0, 1000, (1,), generator=g)
             noise = torch.randn(z0.shape, generator=g)

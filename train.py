@@ -121,9 +121,11 @@ def check_resume(args, image):
 # Saving: the fine-tuned file (small, for edit.py) and a resume state (exact, for --resume)
 
 def save(args, sd, optimizers, generator, step, image, resumable):
+    sizes = sine.sizes_for(sd.config)
     try:
         sine.save_finetuned(args.out, sd, args.base, {
             "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image.width}x{image.height}",
+            "canvas": sizes.canvas, "crop": sizes.crop,
             "steps": step, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr})
         if resumable:  # written last: a resume state on disk means its save completed
             save_resume_state(resume_path(args.out), sd, optimizers, generator, {
@@ -238,9 +240,10 @@ def train(args, sd, image, device, stop):
     optimizers = sine.adamw_in_backward([p for _, p in trainable_parameters(sd)], args.lr, weight_decay=0.01,
                                         fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(args.seed)  # a CPU generator: the same crops on any device
-    canvas = sine.make_canvas(image)
+    sizes = sine.sizes_for(sd.config)
+    canvas = sine.make_canvas(image, sizes)
     ids = sd.tokenizer([sine.training_prompt(args.prompt)]).to(device)
-    full_map = sine.position_map(sd.config.unet.model_channels).to(device) if args.patch else None
+    full_map = sine.position_map(sd.config.unet.model_channels, sizes=sizes).to(device) if args.patch else None
     alphas = alphas_cumprod().to(device)
     autocast = cli.bf16_autocast(device, args.bf16)
     args.bf16 = autocast is not None  # as chosen, for the messages
@@ -252,7 +255,7 @@ def train(args, sd, image, device, stop):
         while step < args.steps and not stop.signal:
             try:
                 with cli.out_of_memory_hint(memory_hint(args.grad_checkpointing)):
-                    loss = sine.training_step(sd, canvas, ids, args.patch, generator, alphas, full_map, autocast)
+                    loss = sine.training_step(sd, canvas, ids, args.patch, generator, alphas, full_map, autocast, sizes)
             except sine.NonFiniteLoss as e:
                 diverged(args, f"the loss became {e} at step {step + 1}")
             step += 1

@@ -51,6 +51,7 @@ class SDConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: CLIPConfig = field(default_factory=CLIPConfig)
+    image_size: int = 512  # the base's native resolution, pixels a side: SINE crops to it
 
     def to_json(self):
         return json.dumps(asdict(self))
@@ -60,7 +61,7 @@ class SDConfig:
         parts = json.loads(text)
         tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(UNetConfig(**tuples(parts["unet"])), VAEConfig(**tuples(parts["vae"])),
-                   CLIPConfig(**tuples(parts["text_encoder"])))
+                   CLIPConfig(**tuples(parts["text_encoder"])), parts.get("image_size", 512))
 
 
 @dataclass
@@ -296,16 +297,22 @@ def check_sd_v1(path):
     return header, metadata
 
 
+def read_config(path, metadata=None):
+    """The sizes of a base checkpoint's parts: SD v1's, unless its metadata records others."""
+    metadata = check_sd_v1(path)[1] if metadata is None else metadata
+    try:
+        return SDConfig.from_json(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else SDConfig()
+    except (ValueError, TypeError, KeyError):
+        raise CheckpointError(f"{path} has an unreadable {CONFIG_KEY} entry in its metadata") from None
+
+
 def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
     """Load an SD v1 safetensors checkpoint (or a `model.tiny` one) into our modules.
 
     dtype is for the UNet and the text encoder; the VAE is always fp32 (it overflows fp16)."""
     header, metadata = check_sd_v1(path)
     path = os.fspath(path)
-    try:
-        config = SDConfig.from_json(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else SDConfig()
-    except (ValueError, TypeError, KeyError):
-        raise CheckpointError(f"{path} has an unreadable {CONFIG_KEY} entry in its metadata") from None
+    config = read_config(path, metadata)
 
     names = {"unet": {}, "vae": {}, "text_encoder": {}, "ema": {}, "unexpected": {}, "ignore": {}}
     for key in header:
@@ -329,7 +336,8 @@ def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
     _load_part(text_encoder, names["text_encoder"], header, path, device, dtype)
 
     stored = {v["dtype"] for k, v in header.items() if k.startswith("model.diffusion_model.")}
-    description = (f"{os.path.basename(path)}: {'tiny test model' if CONFIG_KEY in metadata else 'SD v1'}, "
+    kind = f"SD v1 layout, {config.image_size} px native" if CONFIG_KEY in metadata else "SD v1"
+    description = (f"{os.path.basename(path)}: {kind}, "
                    f"{'EMA' if use_ema else 'non-EMA' if names['ema'] else 'the file'}'s UNet weights, "
                    f"stored as {'/'.join(sorted(stored)).lower()}")
     file_keys = {part: names[part] for part in PREFIXES}

@@ -36,6 +36,11 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
 
+    @property
+    def factor(self):
+        """Pixels per latent pixel, along each side: 8 for SD v1."""
+        return 2 ** (len(self.ch_mult) - 1)
+
 
 def Normalize(channels):
     return nn.GroupNorm(32, channels, eps=1e-6)  # the VAE's GroupNorms all use eps 1e-6

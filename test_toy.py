@@ -1,0 +1,104 @@
+"""The toy world (toy/): its scoring functions, the sizes that follow the base model, and the toy
+base itself."""
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sine
+from model import load_sd
+from model.loader import SDConfig
+from toy import score, world
+from toy.base import TOY, TOY_BASE
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BASE = os.path.join(ROOT, TOY_BASE)
+
+
+def scene(**changes):
+    base = world.Scene("circle", "red", "white", cx=0.3, cy=0.5, radius=0.2, aspect=1.0, angle=0.0)
+    return world.Scene(**{**vars(base), **changes})
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+def test_fidelity_of_the_source_against_itself_is_one():
+    image = world.draw(scene(), 128, 64)
+    assert score.fidelity(image, image) == 1.0
+
+
+def test_fidelity_is_low_when_the_object_moves():
+    source = world.draw(scene(), 128, 64)
+    assert score.fidelity(world.draw(scene(cx=0.7), 128, 64), source) < 0.05
+    assert score.fidelity(world.draw(scene(cx=0.45), 128, 64), source) < 0.6  # half its width over
+
+
+def test_fidelity_ignores_colour_and_stretches_the_source():
+    """Only the layout counts: a recoloured scene keeps fidelity near 1, also at another size."""
+    source = world.draw(scene(), 128, 64)
+    recoloured = world.draw(scene(colour="blue", background="yellow"), 256, 128)
+    assert score.fidelity(recoloured, source) > 0.9
+
+
+def test_edit_is_high_with_the_target_colour_and_low_without():
+    source = world.draw(scene(), 128, 64)
+    assert score.edit(world.draw(scene(colour="blue"), 128, 64), source, "blue") > 0.9
+    assert score.edit(source, source, "blue") == 0.0
+    assert score.edit(world.draw(scene(colour="yellow"), 128, 64), source, "blue") < 0.3
+    assert score.edit(world.draw(scene(radius=0.0), 128, 64), source, "blue") == 0.0  # nothing drawn
+
+
+def test_describe_reads_back_every_drawn_scene():
+    rng = random.Random(0)
+    scenes = [world.random_scene(rng, held_out=i % 3 == 0) for i in range(90)]
+    assert all(score.describe(world.draw(s)) == (s.shape, s.colour, s.background) for s in scenes)
+
+
+def test_components_counts_separate_objects():
+    one = score.object_mask(world.draw(scene(), 128, 64))
+    two = one | np.roll(one, 60, axis=1)
+    assert score.components(one) == 1 and score.components(two) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes follow the base model; SD v1's are unchanged
+
+def test_sizes_follow_the_base():
+    assert sine.sizes_for(SDConfig()) == sine.SD_V1
+    assert (sine.SD_V1.canvas, sine.SD_V1.crop, sine.SD_V1.grid) == (1024, 512, 128)
+    toy = sine.sizes_for(TOY)
+    assert (toy.canvas, toy.crop, toy.cell, toy.grid) == (128, 64, 4, 32)
+
+
+def test_edit_sizes_follow_the_base(tmp_path):
+    """The toy base's sides are multiples of 16 (VAE factor 4 x two UNet halvings), SD v1's of 64."""
+    result = subprocess.run([sys.executable, "edit.py", "--target", "a red circle", "--base", BASE,
+                             "--finetuned", "none", "--height", "40", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and "multiple of 16" in result.stderr and "nearest: 32 or 48" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy base model
+
+def test_toy_base_is_committed_small_and_loads_like_any_checkpoint():
+    assert os.path.getsize(BASE) <= 25_000_000
+    sd = load_sd(BASE)
+    assert sd.config == TOY
+    assert sine.sizes_for(sd.config).canvas == 2 * world.SIZE
+
+
+def test_toy_base_is_not_taken_for_the_sd_v1_file(tmp_path, monkeypatch):
+    """weights/ holds the toy base beside the SD v1 file a user downloads: the default is the latter."""
+    import cli
+    monkeypatch.setattr(cli, "WEIGHTS_DIR", str(tmp_path))
+    (tmp_path / "toy-base.safetensors").write_bytes(open(BASE, "rb").read())
+    with pytest.raises(ValueError, match="no SD v1 .safetensors file.*toy-base"):
+        cli.find_base()
+    (tmp_path / "v1-5.safetensors").write_bytes(b"")
+    assert cli.find_base() == str(tmp_path / "v1-5.safetensors")
+

@@ -1,0 +1,225 @@
+"""The paper's experiments at toy scale, through the real train.py and edit.py, scored.
+
+    python -m toy.replicate                  # seed 1: about N minutes on 2 CPU cores
+    python -m toy.replicate --seed 1 2 3 4 5 --out replication
+
+For each seed: draw a 2:1 scene ("a red circle on a white background", 128 x 64 pixels), fine-tune
+the toy base on it with patches and with --no-patch, edit it to another colour of the shape, and
+score every output (toy.score): `fidelity`, how much of the source's layout is kept, and `edit`,
+how far the shape's colour has gone towards the target's. Then:
+
+  1. arbitrary resolution (Sec. 3.3, Figs. 4-5): SINE at the source's 2:1 with the patch model
+     keeps the shape where it was; with the --no-patch model, it duplicates or moves it.
+  2. model-based guidance (Sec. 3.2, Fig. 6): the fine-tuned model alone, asked for the edit, keeps
+     the layout and ignores the edit; the pre-trained model alone makes the edit and loses the
+     layout; SINE keeps the layout and makes the edit.
+  3. the K and v sweeps (Figs. 7-9): fidelity falls and edit rises as K or v grows.
+
+It writes each seed's outputs and labelled grids under --out, results.json (one record per
+output: its settings, fidelity and edit), and prints the table.
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+import outputs
+from edit import grid_image
+
+from . import score, world
+from .base import TOY_BASE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIDTH, HEIGHT = 2 * world.SIZE, world.SIZE  # the 2:1 source, and the outputs at its size
+K_SWEEP = (0, 200, 400, 600, 800)
+V_SWEEP = (0.3, 0.5, 0.7, 0.9)
+
+
+def run(script, *args):
+    """Run train.py or edit.py as a user would; return the paths it printed."""
+    command = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"error: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return result.stdout.split()
+
+
+def source_and_target(seed):
+    """The seed's scene, and a colour for the edit other than the shape's and the background's."""
+    rng = random.Random(seed)
+    scene = world.random_scene(rng)
+    target = rng.choice([c for c in world.COLOURS if c not in (scene.colour, scene.background)])
+    return scene, target
+
+
+def with_colour(scene, colour, identifier=False):
+    """The caption with the shape's colour replaced; with the identifier before the shape if asked."""
+    return f"a {colour} {'[*] ' if identifier else ''}{scene.shape} on a {scene.background} background"
+
+
+def fine_tune(args, source_png, scene, folder):
+    models = {}
+    for name, flags in (("patch", ["--steps", args.steps]), ("no-patch", ["--no-patch", "--steps", args.nopatch_steps])):
+        models[name] = run("train.py", source_png, with_colour(scene, scene.colour, identifier=True), "--base", args.base,
+                           "--lr", args.lr, "--seed", args.seed_of_run, "--out", os.path.join(folder, f"{name}.safetensors"),
+                           "--overwrite", *flags)[-1]
+    return models
+
+
+def edits(args, models, scene, target, folder):
+    """Every edit of the three experiments: {condition: [PNG paths]}."""
+    common = ["--base", args.base, "--target", with_colour(scene, target), "--steps", args.ddim_steps,
+              "--width", WIDTH, "--height", HEIGHT,
+              "--n", args.samples, "--seed", 0, "--out", os.path.join(folder, "edits"), "--no-bf16"]
+    pngs = lambda printed: [p for p in printed if not p.endswith("-grid.png")]
+    found = {
+        "SINE, patch model": pngs(run("edit.py", *common, "--finetuned", models["patch"])),
+        "SINE, --no-patch model": pngs(run("edit.py", *common, "--finetuned", models["no-patch"])),
+        "fine-tuned model alone": pngs(run("edit.py", *common, "--finetuned", models["patch"], "--v", 0, "--K", 0,
+                                           "--finetuned-prompt", with_colour(scene, target, identifier=True))),
+        "pre-trained model alone": pngs(run("edit.py", *common, "--finetuned", "none")),
+    }
+    if args.sweeps:
+        found["K sweep"] = pngs(run("edit.py", *common, "--finetuned", models["patch"], "--K", ",".join(map(str, K_SWEEP))))
+        found["v sweep"] = pngs(run("edit.py", *common, "--finetuned", models["patch"], "--v", ",".join(map(str, V_SWEEP))))
+    return found
+
+
+def records(found, source, target):
+    rows = []
+    for condition, paths in found.items():
+        for path in paths:
+            settings = outputs.read_settings(path)
+            image = Image.open(path).convert("RGB")
+            rows.append({"condition": condition, "path": os.path.relpath(path, ROOT), "seed": settings["seed"],
+                         "K": float(settings["K"]), "v": float(settings["v"]), "target": settings["target"],
+                         "fidelity": round(score.fidelity(image, source), 4),
+                         "edit": round(score.edit(image, source, target), 4),
+                         "objects": score.components(score.object_mask(image))})
+    return rows
+
+
+def mean(rows, key, **where):
+    values = [r[key] for r in rows if all(r[k] == v for k, v in where.items())]
+    return float(np.mean(values))
+
+
+def trend(rows, condition, knob):
+    """Spearman's rank correlation of fidelity and of edit with K or v, over a sweep's outputs."""
+    picked = [r for r in rows if r["condition"] == condition]
+    ranks = lambda xs: np.argsort(np.argsort(xs, kind="stable"), kind="stable")
+    knob_ranks = ranks([r[knob] for r in picked])
+    corr = lambda key: float(np.corrcoef(knob_ranks, ranks([r[key] for r in picked]))[0, 1])
+    return corr("fidelity"), corr("edit")
+
+
+def effects(rows):
+    """Each effect's numbers, and whether they show it."""
+    c = lambda condition, key: mean(rows, key, condition=condition)
+    patch, nopatch = "SINE, patch model", "SINE, --no-patch model"
+    alone, pre = "fine-tuned model alone", "pre-trained model alone"
+    found = {
+        "1: position map keeps the layout at 2:1": {
+            "fidelity, patch": c(patch, "fidelity"), "fidelity, no-patch": c(nopatch, "fidelity"),
+            "objects, patch": c(patch, "objects"), "objects, no-patch": c(nopatch, "objects"),
+            "shows": c(patch, "fidelity") > c(nopatch, "fidelity")},
+        "2: model-based guidance": {
+            "edit, fine-tuned alone": c(alone, "edit"), "fidelity, pre-trained alone": c(pre, "fidelity"),
+            "fidelity, SINE": c(patch, "fidelity"), "edit, SINE": c(patch, "edit"),
+            "shows": c(patch, "edit") > c(alone, "edit") and c(patch, "fidelity") > c(pre, "fidelity")},
+    }
+    if any(r["condition"] == "K sweep" for r in rows):
+        K_fid, K_edit = trend(rows, "K sweep", "K")
+        v_fid, v_edit = trend(rows, "v sweep", "v")
+        found["3: K and v sweeps"] = {
+            "fidelity ~ K": K_fid, "edit ~ K": K_edit, "fidelity ~ v": v_fid, "edit ~ v": v_edit,
+            "shows": K_fid < 0 < K_edit and v_fid < 0 < v_edit}
+    return found
+
+
+def labelled_grid(source, rows, conditions, path, zoom=2):
+    """The source, then one column per condition, one row per sample seed; labels on each cell."""
+    big = lambda image: image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+    seeds = sorted({r["seed"] for r in rows})
+    cells = {(i, 0): (big(source), "source") for i in range(len(seeds))}
+    for col, (condition, where) in enumerate(conditions, start=1):
+        for i, seed in enumerate(seeds):
+            row = next(r for r in rows if r["condition"] == condition and r["seed"] == seed and
+                       all(r[k] == v for k, v in where.items()))
+            cells[i, col] = (big(Image.open(os.path.join(ROOT, row["path"])).convert("RGB")),
+                             f"{condition.replace('SINE, ', '')}{' ' if where else ''}"
+                             f"{' '.join(f'{k}={v:g}' for k, v in where.items())}")
+    grid_image(cells, len(seeds), len(conditions) + 1).save(path)
+    return path
+
+
+def replicate(args, seed):
+    folder = os.path.join(args.out, f"seed{seed}")
+    os.makedirs(folder, exist_ok=True)
+    scene, target = source_and_target(seed)
+    source = world.draw(scene, WIDTH, HEIGHT)
+    source_png = os.path.join(folder, "source.png")
+    source.save(source_png)
+    args.seed_of_run = seed
+    print(f"seed {seed}: {scene.caption()} -> {target}", flush=True)
+    rows = records(edits(args, fine_tune(args, source_png, scene, folder), scene, target, folder), source, target)
+    labelled_grid(source, rows, [("SINE, patch model", {}), ("SINE, --no-patch model", {})],
+                  os.path.join(folder, "effect1.png"))
+    labelled_grid(source, rows, [("fine-tuned model alone", {}), ("pre-trained model alone", {}),
+                                 ("SINE, patch model", {})], os.path.join(folder, "effect2.png"))
+    if args.sweeps:
+        labelled_grid(source, rows, [("K sweep", {"K": K}) for K in K_SWEEP], os.path.join(folder, "sweep-K.png"))
+        labelled_grid(source, rows, [("v sweep", {"v": v}) for v in V_SWEEP], os.path.join(folder, "sweep-v.png"))
+    return {"seed": seed, "source": scene.caption(), "target": with_colour(scene, target), "outputs": rows,
+            "effects": effects(rows)}
+
+
+def table(results):
+    lines = ["| seed | source -> target | 1: fidelity patch / no-patch | 2: edit ft alone / SINE, "
+             "fidelity pre-trained alone / SINE | 3: fidelity ~ K, edit ~ K, fidelity ~ v, edit ~ v | shown |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        e1, e2, e3 = list(r["effects"].values()) + [None] * (3 - len(r["effects"]))
+        shown = " ".join(name[0] for name, e in r["effects"].items() if e["shows"]) or "none"
+        sweeps = (f"{e3['fidelity ~ K']:+.2f}, {e3['edit ~ K']:+.2f}, {e3['fidelity ~ v']:+.2f}, "
+                  f"{e3['edit ~ v']:+.2f}" if e3 else "not run")
+        lines.append(f"| {r['seed']} | {r['source'].split(' on ')[0][2:]} -> {r['target'].split()[1]} | "
+                     f"{e1['fidelity, patch']:.2f} / {e1['fidelity, no-patch']:.2f} | "
+                     f"{e2['edit, fine-tuned alone']:.2f} / {e2['edit, SINE']:.2f}, "
+                     f"{e2['fidelity, pre-trained alone']:.2f} / {e2['fidelity, SINE']:.2f} | "
+                     f"{sweeps} | {shown} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SINE's experiments on the toy base, scored.")
+    p.add_argument("--seed", type=int, nargs="+", default=[1], help="one replication per seed")
+    p.add_argument("--out", default="replication")
+    p.add_argument("--base", default=TOY_BASE)
+    p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps with patches (train.py --steps)")
+    p.add_argument("--nopatch-steps", type=int, default=400, help="fine-tuning steps with --no-patch")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
+    p.add_argument("--ddim-steps", type=int, default=25)
+    p.add_argument("--samples", type=int, default=3, help="edits per setting, with seeds 0, 1, ...")
+    p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
+                   help="the K and v sweeps of effect 3 (--no-sweeps: effects 1 and 2 only)")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.base):
+        sys.exit(f"error: {args.base} is missing: it is committed with the project, or made by python -m toy.pretrain")
+    start = time.time()
+    results = [replicate(args, seed) for seed in args.seed]
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "seed_of_run"}, "results": results},
+                  f, indent=1)
+    print(table(results))
+    print(f"{os.path.join(args.out, 'results.json')}; {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

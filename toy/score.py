@@ -1,0 +1,103 @@
+"""Reading a toy picture back, and the two scores of toy.replicate, each in [0, 1].
+
+    fidelity(output, source)   how much of the source's layout is kept: the overlap (IoU) of where
+                               the object is in each, 1 when it sits in the same place at the same size
+    edit(output, source, colour)   how far the object's colour has moved from the source's towards
+                               the target's: 0 unchanged, 1 there
+
+The object is whatever differs from the background, and the background is the colour of most of
+the picture's border. Sizes may differ: the source's mask is stretched to the output's size first,
+as SINE's position map stretches the photo's layout.
+"""
+import numpy as np
+from PIL import Image
+
+from .world import COLOURS, SHAPES
+
+THRESHOLD = 60.0  # RGB distance from the background beyond which a pixel is the object's
+
+
+def as_array(image):
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def background_colour(pixels):
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])   # (N, 3)
+    return np.median(border, axis=0)
+
+
+def object_mask(image):
+    """(H, W) bool: the pixels far from the background's colour."""
+    pixels = as_array(image)
+    return np.linalg.norm(pixels - background_colour(pixels), axis=-1) > THRESHOLD
+
+
+def fidelity(output, source):
+    """IoU of the object's masks, the source's stretched to the output's size. 0 if either has none."""
+    stretched = source.convert("RGB").resize(output.size, Image.NEAREST)
+    a, b = object_mask(output), object_mask(stretched)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def object_colour(image):
+    """The mean colour of the object's pixels, or None if there is no object."""
+    mask = object_mask(image)
+    return as_array(image)[mask].mean(axis=0) if mask.any() else None
+
+
+def edit(output, source, target_colour):
+    """1 - |c - target| / |source colour - target|, clipped to [0, 1], where c is the object's mean
+    colour in the output. 0 when the output has no object."""
+    now, before = object_colour(output), object_colour(source)
+    if now is None or before is None:
+        return 0.0
+    target = np.array(COLOURS[target_colour], dtype=np.float32)
+    return float(np.clip(1 - np.linalg.norm(now - target) / np.linalg.norm(before - target), 0, 1))
+
+
+def nearest_colour(rgb):
+    return min(COLOURS, key=lambda name: np.linalg.norm(np.asarray(rgb) - COLOURS[name]))
+
+
+def shape_of(mask):
+    """circle, square or triangle, from how far the mask's pixels spread from its centre once its
+    spread is made round (so stretched and turned shapes read the same): mean(r^4) / mean(r^2)^2 is
+    4/3 for a disc, 1.40 for a square and 1.60 for a triangle."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 12:
+        return None
+    points = np.stack([xs, ys], 1).astype(np.float64)
+    points -= points.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(points.T))
+    r2 = ((points @ vectors) ** 2 / np.maximum(values, 1e-9)).sum(1)
+    peakedness = (r2 ** 2).mean() / r2.mean() ** 2
+    return SHAPES[int(np.searchsorted([1.365, 1.49], peakedness))]
+
+
+def describe(image):
+    """What a picture shows: (shape, colour, background), each None where it cannot be read."""
+    pixels = as_array(image)
+    mask = object_mask(image)
+    colour = nearest_colour(pixels[mask].mean(axis=0)) if mask.any() else None
+    return shape_of(mask), colour, nearest_colour(background_colour(pixels))
+
+
+def components(mask):
+    """How many separate blobs the mask holds (4-connected), ignoring specks under 1% of the image."""
+    seen = np.zeros_like(mask)
+    count = 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        stack, size = [start], 0
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        count += size >= 0.01 * mask.size
+    return count
