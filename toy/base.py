@@ -6,6 +6,9 @@ shapes keep their outlines. The UNet has three levels (16, 8, 4 latent pixels), 
 lower two. The text encoder is a two-layer CLIP, 32 wide; it keeps CLIP's tokenizer and its 49,408-word
 table, of which the toy captions use a dozen words.
 """
+import os
+
+import cli
 from model.clip import CLIPConfig
 from model.loader import SDConfig
 from model.unet import UNetConfig
@@ -20,4 +23,4 @@ TOY = SDConfig(
     text_encoder=CLIPConfig(width=32, layers=2, heads=2, mlp_width=128),
     image_size=SIZE,
 )
-TOY_BASE = "weights/toy-base.safetensors"
+TOY_BASE = os.path.join("weights", cli.TOY_BASE)  # relative to the repository, as users type it

@@ -23,15 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
+import sine
+from edit import to_pil
 from model import LATENT_SCALE, Tokenizer
 from model.clip import TextEncoder
-from model.ddim import classifier_free_guidance, sample
+from model.ddim import sample, text_to_image_eps
 from model.loader import CONFIG_KEY, PREFIXES, StableDiffusion
 from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 from model.unet import UNet
 from model.vae import VAE
-from safetensors.torch import save_file
 
 from . import score, world
 from .base import TOY, TOY_BASE
@@ -39,8 +41,7 @@ from .base import TOY, TOY_BASE
 
 def to_pixels(images):
     """PIL images -> (B, 3, H, W) in [-1, 1]."""
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
+    return torch.cat([sine.to_tensor(image, (image.height, image.width)) for image in images])
 
 
 def scene_batch(rng, n):
@@ -139,19 +140,12 @@ def train_denoiser(unet, text_encoder, latents, ids, empty_ids, steps, batch, lr
 @torch.no_grad()
 def generate(sd, captions, seed, steps=25, scale=7.5):
     """One 64 x 64 sample per caption (batched), PIL images."""
-    context = sd.text_encoder(sd.tokenizer(captions))
-    uncond = sd.text_encoder(sd.tokenizer([""])).expand(len(captions), -1, -1)
-    both = torch.cat([context, uncond])
-
-    def eps_fn(z, t):
-        eps_cond, eps_uncond = sd.unet(torch.cat([z, z]), torch.full((2 * len(z),), t), both).chunk(2)
-        return classifier_free_guidance(eps_uncond, eps_cond, scale)
-
+    eps_fn = text_to_image_eps(sd.unet, sd.text_encoder(sd.tokenizer(captions)),
+                               sd.text_encoder(sd.tokenizer([""])), scale)
     side = TOY.image_size // TOY.vae.factor
     noise = torch.randn((len(captions), 4, side, side), generator=torch.Generator().manual_seed(seed))
     pixels = sd.vae.decode(sample(eps_fn, noise, steps, progress=False) / LATENT_SCALE).clamp(-1, 1)
-    array = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in array]
+    return [to_pil(p[None]) for p in pixels]
 
 
 def accuracy(sd, scenes, seed):

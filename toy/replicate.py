@@ -63,11 +63,11 @@ def with_colour(scene, colour, identifier=False):
     return f"a {colour} {'[*] ' if identifier else ''}{scene.shape} on a {scene.background} background"
 
 
-def fine_tune(args, source_png, scene, folder):
+def fine_tune(args, seed, source_png, scene, folder):
     models = {}
     for name, flags in (("patch", ["--steps", args.steps]), ("no-patch", ["--no-patch", "--steps", args.nopatch_steps])):
         models[name] = run("train.py", source_png, with_colour(scene, scene.colour, identifier=True), "--base", args.base,
-                           "--lr", args.lr, "--seed", args.seed_of_run, "--out", os.path.join(folder, f"{name}.safetensors"),
+                           "--lr", args.lr, "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"),
                            "--overwrite", *flags)[-1]
     return models
 
@@ -166,9 +166,8 @@ def replicate(args, seed):
     source = world.draw(scene, WIDTH, HEIGHT)
     source_png = os.path.join(folder, "source.png")
     source.save(source_png)
-    args.seed_of_run = seed
     print(f"seed {seed}: {scene.caption()} -> {target}", flush=True)
-    rows = records(edits(args, fine_tune(args, source_png, scene, folder), scene, target, folder), source, target)
+    rows = records(edits(args, fine_tune(args, seed, source_png, scene, folder), scene, target, folder), source, target)
     labelled_grid(source, rows, [("SINE, patch model", {}), ("SINE, --no-patch model", {})],
                   os.path.join(folder, "effect1.png"))
     labelled_grid(source, rows, [("fine-tuned model alone", {}), ("pre-trained model alone", {}),
@@ -215,7 +214,7 @@ def main(argv=None):
     start = time.time()
     results = [replicate(args, seed) for seed in args.seed]
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "seed_of_run"}, "results": results},
+        json.dump({"settings": vars(args), "results": results},
                   f, indent=1)
     print(table(results))
     print(f"{os.path.join(args.out, 'results.json')}; {time.time() - start:.0f} s")
