@@ -102,3 +102,21 @@ def test_toy_base_is_not_taken_for_the_sd_v1_file(tmp_path, monkeypatch):
     (tmp_path / "v1-5.safetensors").write_bytes(b"")
     assert cli.find_base() == str(tmp_path / "v1-5.safetensors")
 
+
+
+def test_the_identifier_takes_the_shapes_place_so_the_base_still_reads_the_caption():
+    """The toy text encoder learned one caption template and reads words by their place. Inserted
+    before the shape, the identifier moves the background's word and the base paints another
+    background; in the shape's place (toy.replicate's training prompt) the caption still reads."""
+    import torch
+    from toy.pretrain import generate
+    from toy.replicate import with_colour
+    sd = load_sd(BASE)
+    purple_on_red = scene(shape="circle", colour="purple", background="red")
+    replaced = sine.training_prompt(with_colour(purple_on_red, "purple", identifier=True))
+    assert replaced == "a purple sks on a red background"
+    with torch.no_grad():
+        backgrounds = {prompt: [score.describe(image)[2] for image in generate(sd, [prompt] * 4, seed=0)]
+                       for prompt in (replaced, "a purple sks circle on a red background")}
+    assert backgrounds[replaced] == ["red"] * 4
+    assert backgrounds["a purple sks circle on a red background"].count("red") <= 1

@@ -1,7 +1,7 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: about N minutes on 2 CPU cores
-    python -m toy.replicate --seed 1 2 3 4 5 --out replication
+    python -m toy.replicate                  # seed 1: about 5 minutes on 2 CPU cores
+    python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
 For each seed: draw a 2:1 scene ("a red circle on a white background", 128 x 64 pixels), fine-tune
 the toy base on it with patches and with --no-patch, edit it to another colour of the shape, and
@@ -10,9 +10,9 @@ how far the shape's colour has gone towards the target's. Then:
 
   1. arbitrary resolution (Sec. 3.3, Figs. 4-5): SINE at the source's 2:1 with the patch model
      keeps the shape where it was; with the --no-patch model, it duplicates or moves it.
-  2. model-based guidance (Sec. 3.2, Fig. 6): the fine-tuned model alone, asked for the edit, keeps
-     the layout and ignores the edit; the pre-trained model alone makes the edit and loses the
-     layout; SINE keeps the layout and makes the edit.
+  2. model-based guidance (Sec. 3.2, Fig. 6): the fine-tuned model alone (sampled by itself, w = 1),
+     asked for the edit, keeps the layout and ignores the edit; the pre-trained model alone makes
+     the edit and loses the layout; SINE keeps the layout and makes the edit.
   3. the K and v sweeps (Figs. 7-9): fidelity falls and edit rises as K or v grows.
 
 It writes each seed's outputs and labelled grids under --out, results.json (one record per
@@ -59,8 +59,14 @@ def source_and_target(seed):
 
 
 def with_colour(scene, colour, identifier=False):
-    """The caption with the shape's colour replaced; with the identifier before the shape if asked."""
-    return f"a {colour} {'[*] ' if identifier else ''}{scene.shape} on a {scene.background} background"
+    """The caption with the shape's colour replaced; with the identifier in place of the shape if asked.
+
+    The identifier replaces the shape's word rather than joining it ("a red [*] circle ..."): the toy
+    text encoder, trained on one caption template, reads words by their place, and an extra word
+    shifts the background's word to where it reads nothing (measured: "a purple sks circle on a red
+    background" draws a green background)."""
+    thing = "[*]" if identifier else scene.shape
+    return f"a {colour} {thing} on a {scene.background} background"
 
 
 def fine_tune(args, seed, source_png, scene, folder):
@@ -81,7 +87,10 @@ def edits(args, models, scene, target, folder):
     found = {
         "SINE, patch model": pngs(run("edit.py", *common, "--finetuned", models["patch"])),
         "SINE, --no-patch model": pngs(run("edit.py", *common, "--finetuned", models["no-patch"])),
+        # The fine-tuned model sampled by itself (the paper's "w/o guidance", Fig. 6): v = 0 leaves only its
+        # prediction, and w = 1 keeps the pre-trained model's unconditional one out of the sum.
         "fine-tuned model alone": pngs(run("edit.py", *common, "--finetuned", models["patch"], "--v", 0, "--K", 0,
+                                           "--scale", 1,
                                            "--finetuned-prompt", with_colour(scene, target, identifier=True))),
         "pre-trained model alone": pngs(run("edit.py", *common, "--finetuned", "none")),
     }
@@ -202,8 +211,8 @@ def main(argv=None):
     p.add_argument("--out", default="replication")
     p.add_argument("--base", default=TOY_BASE)
     p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps with patches (train.py --steps)")
-    p.add_argument("--nopatch-steps", type=int, default=400, help="fine-tuning steps with --no-patch")
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
+    p.add_argument("--nopatch-steps", type=int, default=200, help="fine-tuning steps with --no-patch")
+    p.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=3, help="edits per setting, with seeds 0, 1, ...")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
