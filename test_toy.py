@@ -103,7 +103,6 @@ def test_toy_base_is_not_taken_for_the_sd_v1_file(tmp_path, monkeypatch):
     assert cli.find_base() == str(tmp_path / "v1-5.safetensors")
 
 
-
 def test_the_identifier_takes_the_shapes_place_so_the_base_still_reads_the_caption():
     """The toy text encoder learned one caption template and reads words by their place. Inserted
     before the shape, the identifier moves the background's word and the base paints another
@@ -114,9 +113,10 @@ def test_the_identifier_takes_the_shapes_place_so_the_base_still_reads_the_capti
     sd = load_sd(BASE)
     purple_on_red = scene(shape="circle", colour="purple", background="red")
     replaced = sine.training_prompt(with_colour(purple_on_red, "purple", identifier=True))
+    inserted = "a purple sks circle on a red background"
     assert replaced == "a purple sks on a red background"
     with torch.no_grad():
         backgrounds = {prompt: [score.describe(image)[2] for image in generate(sd, [prompt] * 4, seed=0)]
-                       for prompt in (replaced, "a purple sks circle on a red background")}
+                       for prompt in (replaced, inserted)}
     assert backgrounds[replaced] == ["red"] * 4
-    assert backgrounds["a purple sks circle on a red background"].count("red") <= 1
+    assert backgrounds[inserted].count("red") <= 1
