@@ -71,7 +71,7 @@ def with_colour(scene, colour, identifier=False):
 
 def fine_tune(args, seed, source_png, scene, folder):
     """The patch and the --no-patch model. Without gradient checkpointing: the toy fits in memory, and
-    recomputing activations would only cost time (a third of a step; the weights come out the same)."""
+    recomputing activations would only cost time (a quarter of a step; the weights come out the same)."""
     models = {}
     for name, flags in (("patch", ["--steps", args.steps]), ("no-patch", ["--no-patch", "--steps", args.nopatch_steps])):
         models[name] = run("train.py", source_png, with_colour(scene, scene.colour, identifier=True), "--base", args.base,
