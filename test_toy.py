@@ -59,6 +59,18 @@ def test_describe_reads_back_every_drawn_scene():
     assert all(score.describe(world.draw(s)) == (s.shape, s.colour, s.background) for s in scenes)
 
 
+def test_a_sweeps_trend_is_spearmans_correlation_over_its_outputs():
+    """Effect 3 reads each sweep as the rank correlation of fidelity and of edit with the knob, over
+    every output. The samples of one setting tie on the knob: their order must not matter."""
+    from toy.replicate import trend
+    rows = [{"condition": "K sweep", "K": K, "fidelity": 1 - K / 1000 + 0.01 * sample, "edit": K / 1000}
+            for K in (0, 500, 1000) for sample in range(2)]
+    rows.append({"condition": "v sweep", "v": 0.5, "fidelity": 1.0, "edit": 0.0})  # another sweep's
+    fidelity_trend, edit_trend = trend(rows, "K sweep", "K")
+    assert edit_trend == pytest.approx(1.0) and -1 < fidelity_trend < -0.9
+    assert trend(rows[::-1], "K sweep", "K") == pytest.approx((fidelity_trend, edit_trend))
+
+
 def test_components_counts_separate_objects():
     one = score.object_mask(world.draw(scene(), 128, 64))
     two = one | np.roll(one, 60, axis=1)
@@ -141,7 +153,7 @@ def test_a_reduced_replication_shows_effects_1_and_2(tmp_path):
     model (effect 1); SINE makes more of the edit than the fine-tuned model alone and keeps more of
     the layout than the pre-trained model alone (effect 2)."""
     from toy import replicate
-    replicate.main(["--seed", str(SCENE), "--steps", "1000", "--no-sweeps", "--out", str(tmp_path)])
+    replicate.main(["--seed", str(SCENE), "--steps", "1000", "--samples", "3", "--no-sweeps", "--out", str(tmp_path)])
     with open(tmp_path / "results.json") as f:
         effect1, effect2 = json.load(f)["results"][0]["effects"].values()
     assert effect1["fidelity, patch"] - effect1["fidelity, no-patch"] > SEED_SPREAD["effect 1, fidelity"]
