@@ -65,7 +65,7 @@ def test_a_sweeps_trend_is_spearmans_correlation_over_its_outputs():
     from toy.replicate import trend
     rows = [{"condition": "K sweep", "K": K, "fidelity": 1 - K / 1000 + 0.01 * sample, "edit": K / 1000}
             for K in (0, 500, 1000) for sample in range(2)]
-    rows.append({"condition": "v sweep", "v": 0.5, "fidelity": 1.0, "edit": 0.0})  # another sweep's
+    rows.append({"condition": "v sweep", "v": 0.5, "fidelity": 1.0, "edit": 0.0})  # the v sweep: not counted
     fidelity_trend, edit_trend = trend(rows, "K sweep", "K")
     assert edit_trend == pytest.approx(1.0) and -1 < fidelity_trend < -0.9
     assert trend(rows[::-1], "K sweep", "K") == pytest.approx((fidelity_trend, edit_trend))
