@@ -1,35 +1,39 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: about 4 minutes on 2 CPU cores
+    python -m toy.replicate                  # seed 1: 10 to 15 minutes on 2 CPU cores
     python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
-For each seed: draw a 2:1 scene ("a red circle on a white background", 128 x 64 pixels), fine-tune
-the toy base on it with patches and with --no-patch, edit it to another colour of the shape, and
+For each seed: draw a 2:1 scene ("a plain red circle on a white background", 128 x 64 pixels),
+fine-tune the toy base on it with patches and with --no-patch, edit it to a striped shape, and
 score every output (toy.score): `fidelity`, how much of the source's layout is kept, and `edit`,
-how far the shape's colour has gone towards the target's. Then:
+how far the shape has gone towards the striped one. Then:
 
   1. arbitrary resolution (Sec. 3.3, Figs. 4-5): SINE at the source's 2:1 with the patch model
      keeps the shape where it was; with the --no-patch model, it duplicates or moves it.
-  2. model-based guidance (Sec. 3.2, Fig. 6): the fine-tuned model alone (sampled by itself, w = 1),
-     asked for the edit, keeps the layout and ignores the edit; the pre-trained model alone makes
-     the edit and loses the layout; SINE keeps the layout and makes the edit.
+  2. model-based guidance (Sec. 3.2, Fig. 6, tested as in Sec. 4.2): with the --no-patch model at
+     its native 64 x 64, the fine-tuned model alone (Eq. 2), asked for the edit, keeps the layout
+     and ignores the edit; the pre-trained model alone makes the edit and loses the layout; SINE
+     (Eq. 3) keeps the layout and makes the edit.
   3. the K and v sweeps (Figs. 7-9): fidelity falls and edit rises as K or v grows.
 
 It writes each seed's outputs and labelled grids under --out, results.json (one record per
 output: its settings, fidelity and edit), and prints the table.
 """
 import argparse
+import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 import outputs
+import sine
 from edit import grid_image
 
 from . import score, world
@@ -45,77 +49,101 @@ K_SWEEP = (0, 200, 400, 600, 800, 1000)
 V_SWEEP = (0.5, 0.7, 0.9, 1.0)
 
 
-def run(script, *args):
-    """Run train.py or edit.py as a user would; return the paths it printed."""
+def run(script, *args, threads=None):
+    """Run train.py, edit.py or export.py as a user would; return the paths it printed."""
     command = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f"error: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
     return result.stdout.split()
 
 
 def source_and_target(seed):
-    """The seed's scene, and a colour for the edit other than the shape's and the background's."""
-    rng = random.Random(seed)
-    scene = world.random_scene(rng)
-    target = rng.choice([c for c in world.COLOURS if c not in (scene.colour, scene.background)])
-    return scene, target
+    """The seed's scene, plain, and the same scene striped: the edit's goal."""
+    scene = world.random_scene(random.Random(seed), pattern="plain")
+    return scene, dataclasses.replace(scene, pattern="striped")
 
 
-def with_colour(scene, colour, identifier=False):
-    """The caption with the shape's colour replaced; with the identifier in place of the shape if asked.
+def prompt(scene, identifier=False):
+    """The scene's caption; with the identifier in the shape's place if asked.
 
-    The identifier replaces the shape's word rather than joining it ("a red [*] circle ..."): the toy
-    text encoder, trained on one caption template, reads words by their place, and an extra word
-    shifts the background's word to where it reads nothing (measured: "a purple sks circle on a red
-    background" draws a green background)."""
-    thing = "[*]" if identifier else scene.shape
-    return f"a {colour} {thing} on a {scene.background} background"
-
-
-def fine_tune(args, seed, source_png, scene, folder):
-    """The patch and the --no-patch model. Without gradient checkpointing: the toy fits in memory, and
-    recomputing activations would only cost time (a quarter of a step; the weights come out the same)."""
-    models = {}
-    for name, flags in (("patch", ["--steps", args.steps]), ("no-patch", ["--no-patch", "--steps", args.nopatch_steps])):
-        models[name] = run("train.py", source_png, with_colour(scene, scene.colour, identifier=True), "--base", args.base,
-                           "--lr", args.lr, "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"),
-                           "--overwrite", "--no-grad-checkpointing", *flags)[-1]
-    return models
+    The identifier replaces the shape's word rather than joining it ("a plain red [*] circle ..."):
+    the toy text encoder, trained on one caption template, reads words by their place, and an extra
+    word shifts the background's word to where it reads nothing (measured on an earlier toy base:
+    "a purple sks circle on a red background" drew a green background)."""
+    return scene.caption().replace(f" {scene.shape} ", " [*] ") if identifier else scene.caption()
 
 
-def edits(args, models, scene, target, folder):
-    """Every edit of the three experiments: {condition: [PNG paths]}."""
-    common = ["--base", args.base, "--target", with_colour(scene, target), "--steps", args.ddim_steps,
-              "--width", WIDTH, "--height", HEIGHT,
-              "--n", args.samples, "--seed", 0, "--out", os.path.join(folder, "edits"), "--no-bf16"]
-    pngs = lambda printed: [p for p in printed if not p.endswith("-grid.png")]
+def fine_tune(args, seed, scene, folder):
+    """The patch and the --no-patch model on the 2:1 source, and the guidance test's --no-patch model
+    on the scene drawn at the base's native 64 x 64 (see edits).
+
+    Two trainings run at once, each on half of the cores: a toy step is too small to keep two cores
+    busy (measured: on one thread a step took 0.28 s, on two 0.30 s). No gradient checkpointing: the toy fits in memory, and recomputing activations would only
+    cost time (a quarter of a step; the weights come out the same)."""
+    def train(name, size, *flags):
+        source_png = os.path.join(folder, f"source-{size[0]}x{size[1]}.png")
+        world.draw(scene, *size).save(source_png)
+        return run("train.py", source_png, prompt(scene, identifier=True), "--base", args.base, "--lr", args.lr,
+                   "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite",
+                   "--no-grad-checkpointing", *flags, threads=max(1, os.cpu_count() // 2))[-1]
+
+    wide, native = (WIDTH, HEIGHT), (world.SIZE, world.SIZE)
+    with ThreadPoolExecutor(2) as pool:
+        patch = pool.submit(train, "patch", wide, "--steps", args.steps)
+        no_patch = train("no-patch", wide, "--no-patch", "--steps", args.nopatch_steps)
+        guidance = train("guidance-test", native, "--no-patch", "--steps", args.guidance_steps)
+    return {"patch": patch.result(), "no-patch": no_patch, "guidance test": guidance}
+
+
+def sample(args, folder, size, *flags):
+    """edit.py's PNGs (not its grid): args.samples seeds at size (width, height)."""
+    printed = run("edit.py", "--steps", args.ddim_steps, "--width", size[0], "--height", size[1], "--n", args.samples,
+                  "--seed", 0, "--out", os.path.join(folder, "edits"), "--no-bf16", *flags)
+    return [p for p in printed if not p.endswith("-grid.png")]
+
+
+def edits(args, models, target, folder):
+    """Every edit of the three experiments: {condition: [PNG paths]}.
+
+    Effect 2 follows the paper's own test of it (Sec. 4.2, Fig. 6): one model fine-tuned without
+    patches (800 steps there), at its native size, sampled by itself with Eq. 2 ("w/o guidance") and
+    guiding the pre-trained model with Eq. 3 ("w/ guidance"). By itself means as an ordinary
+    text-to-image model, its own unconditional prediction included: export.py writes it as a
+    complete checkpoint. Effects 1 and 3 are at the source's 2:1."""
+    base, wide, native = ["--base", args.base], (WIDTH, HEIGHT), (world.SIZE, world.SIZE)
+    asked = ["--target", prompt(target)]
+    exported = run("export.py", models["guidance test"], *base, "--fp32", "--overwrite",
+                   "--out", os.path.join(folder, "guidance-test-exported.safetensors"))[-1]
     found = {
-        "SINE, patch model": pngs(run("edit.py", *common, "--finetuned", models["patch"])),
-        "SINE, --no-patch model": pngs(run("edit.py", *common, "--finetuned", models["no-patch"])),
-        # The fine-tuned model sampled by itself (the paper's "w/o guidance", Fig. 6): v = 0 leaves only its
-        # prediction, and w = 1 keeps the pre-trained model's unconditional one out of the sum.
-        "fine-tuned model alone": pngs(run("edit.py", *common, "--finetuned", models["patch"], "--v", 0, "--K", 0,
-                                           "--scale", 1,
-                                           "--finetuned-prompt", with_colour(scene, target, identifier=True))),
-        "pre-trained model alone": pngs(run("edit.py", *common, "--finetuned", "none")),
+        "SINE, patch model": sample(args, folder, wide, *base, *asked, "--finetuned", models["patch"]),
+        "SINE, --no-patch model": sample(args, folder, wide, *base, *asked, "--finetuned", models["no-patch"]),
+        "fine-tuned model alone": sample(args, folder, native, "--base", exported, "--finetuned", "none",
+                                         "--target", sine.training_prompt(prompt(target, identifier=True))),
+        "pre-trained model alone": sample(args, folder, native, *base, *asked, "--finetuned", "none"),
+        "SINE at 1:1": sample(args, folder, native, *base, *asked, "--finetuned", models["guidance test"]),
     }
     if args.sweeps:
-        found["K sweep"] = pngs(run("edit.py", *common, "--finetuned", models["patch"], "--K", ",".join(map(str, K_SWEEP))))
-        found["v sweep"] = pngs(run("edit.py", *common, "--finetuned", models["patch"], "--v", ",".join(map(str, V_SWEEP))))
+        patch = [*base, *asked, "--finetuned", models["patch"]]
+        found["K sweep"] = sample(args, folder, wide, *patch, "--K", ",".join(map(str, K_SWEEP)))
+        found["v sweep"] = sample(args, folder, wide, *patch, "--v", ",".join(map(str, V_SWEEP)))
     return found
 
 
-def records(found, source, target):
+def records(found, scene, target):
+    """One row per output, scored against the scene and the target drawn at the output's size: 2:1
+    for effects 1 and 3, 1:1 for effect 2."""
     rows = []
     for condition, paths in found.items():
         for path in paths:
             settings = outputs.read_settings(path)
             image = Image.open(path).convert("RGB")
+            source, reference = world.draw(scene, *image.size), world.draw(target, *image.size)
             rows.append({"condition": condition, "path": os.path.relpath(path, ROOT), "seed": settings["seed"],
                          "K": float(settings["K"]), "v": float(settings["v"]), "target": settings["target"],
                          "fidelity": round(score.fidelity(image, source), 4),
-                         "edit": round(score.edit(image, source, target), 4),
+                         "edit": round(score.edit(image, source, reference), 4),
                          "objects": score.components(score.object_mask(image))})
     return rows
 
@@ -148,7 +176,7 @@ def trend(rows, condition, knob):
 def effects(rows):
     """Each effect's numbers, and whether they show it."""
     c = lambda condition, key: mean(rows, key, condition=condition)
-    patch, nopatch = "SINE, patch model", "SINE, --no-patch model"
+    patch, nopatch, guided = "SINE, patch model", "SINE, --no-patch model", "SINE at 1:1"
     alone, pre = "fine-tuned model alone", "pre-trained model alone"
     found = {
         "1: position map keeps the layout at 2:1": {
@@ -157,8 +185,8 @@ def effects(rows):
             "shows": c(patch, "fidelity") > c(nopatch, "fidelity")},
         "2: model-based guidance": {
             "edit, fine-tuned alone": c(alone, "edit"), "fidelity, pre-trained alone": c(pre, "fidelity"),
-            "fidelity, SINE": c(patch, "fidelity"), "edit, SINE": c(patch, "edit"),
-            "shows": c(patch, "edit") > c(alone, "edit") and c(patch, "fidelity") > c(pre, "fidelity")},
+            "fidelity, SINE": c(guided, "fidelity"), "edit, SINE": c(guided, "edit"),
+            "shows": c(guided, "edit") > c(alone, "edit") and c(guided, "fidelity") > c(pre, "fidelity")},
     }
     if any(r["condition"] == "K sweep" for r in rows):
         K_fid, K_edit = trend(rows, "K sweep", "K")
@@ -189,19 +217,17 @@ def replicate(args, seed):
     folder = os.path.join(args.out, f"seed{seed}")
     os.makedirs(folder, exist_ok=True)
     scene, target = source_and_target(seed)
-    source = world.draw(scene, WIDTH, HEIGHT)
-    source_png = os.path.join(folder, "source.png")
-    source.save(source_png)
-    print(f"seed {seed}: {scene.caption()} -> {target}", flush=True)
-    rows = records(edits(args, fine_tune(args, seed, source_png, scene, folder), scene, target, folder), source, target)
+    print(f"seed {seed}: {scene.caption()} -> {target.pattern}", flush=True)
+    rows = records(edits(args, fine_tune(args, seed, scene, folder), target, folder), scene, target)
+    source, native = world.draw(scene, WIDTH, HEIGHT), world.draw(scene)
     labelled_grid(source, rows, [("SINE, patch model", {}), ("SINE, --no-patch model", {})],
                   os.path.join(folder, "effect1.png"))
-    labelled_grid(source, rows, [("fine-tuned model alone", {}), ("pre-trained model alone", {}),
-                                 ("SINE, patch model", {})], os.path.join(folder, "effect2.png"))
+    labelled_grid(native, rows, [("fine-tuned model alone", {}), ("pre-trained model alone", {}), ("SINE at 1:1", {})],
+                  os.path.join(folder, "effect2.png"))
     if args.sweeps:
         labelled_grid(source, rows, [("K sweep", {"K": K}) for K in K_SWEEP], os.path.join(folder, "sweep-K.png"))
         labelled_grid(source, rows, [("v sweep", {"v": v}) for v in V_SWEEP], os.path.join(folder, "sweep-v.png"))
-    return {"seed": seed, "source": scene.caption(), "target": with_colour(scene, target), "outputs": rows,
+    return {"seed": seed, "source": scene.caption(), "target": prompt(target), "outputs": rows,
             "effects": effects(rows)}
 
 
@@ -228,7 +254,9 @@ def main(argv=None):
     p.add_argument("--out", default="replication")
     p.add_argument("--base", default=TOY_BASE)
     p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps with patches (train.py --steps)")
-    p.add_argument("--nopatch-steps", type=int, default=200, help="fine-tuning steps with --no-patch")
+    p.add_argument("--nopatch-steps", type=int, default=200, help="fine-tuning steps with --no-patch (effect 1)")
+    p.add_argument("--guidance-steps", type=int, default=800,
+                   help="fine-tuning steps of effect 2's --no-patch model at 1:1 (the paper's 800, Sec. 4.2)")
     p.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=8, help="edits per setting, with seeds 0, 1, ...")

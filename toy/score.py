@@ -2,8 +2,9 @@
 
     fidelity(output, source)   how much of the source's layout is kept: the overlap (IoU) of where
                                the object is in each, 1 when it sits in the same place at the same size
-    edit(output, source, colour)   how far the object's colour has moved from the source's towards
-                               the target's: 0 unchanged, 1 there
+    edit(output, source, reference)   how far the object's stripes have moved from the source's
+                               towards those of the reference, the source drawn striped: 0 unchanged,
+                               1 there
 
 The object is whatever differs from the background, and the background is the colour of most of
 the picture's border. Sizes may differ: the source's mask is stretched to the output's size first,
@@ -12,7 +13,7 @@ as SINE's position map stretches the photo's layout.
 import numpy as np
 from PIL import Image
 
-from .world import COLOURS, SHAPES
+from .world import COLOURS, SHAPES, STRIPE_PERIOD
 
 THRESHOLD = 60.0  # RGB distance from the background beyond which a pixel is the object's
 
@@ -40,20 +41,37 @@ def fidelity(output, source):
     return float((a & b).sum() / union) if union else 0.0
 
 
-def object_colour(image):
-    """The mean colour of the object's pixels, or None if there is no object."""
-    mask = object_mask(image)
-    return as_array(image)[mask].mean(axis=0) if mask.any() else None
+def inside(mask):
+    """The mask less its edge pixels, whose colours are blends with the background."""
+    core = mask.copy()
+    core[1:] &= mask[:-1]
+    core[:-1] &= mask[1:]
+    core[:, 1:] &= mask[:, :-1]
+    core[:, :-1] &= mask[:, 1:]
+    return core
 
 
-def edit(output, source, target_colour):
-    """1 - |c - target| / |source colour - target|, clipped to [0, 1], where c is the object's mean
-    colour in the output. 0 when the output has no object."""
-    now, before = object_colour(output), object_colour(source)
-    if now is None or before is None:
+def stripe_strength(image):
+    """How striped the object is: the amplitude of its colour's wave across x at the world's stripe
+    period (the first Fourier coefficient over the object's inner pixels), over its mean colour.
+    About 0.05 for a plain shape, 0.6 for a striped one; None if there is no object."""
+    pixels, core = as_array(image), inside(object_mask(image))
+    if core.sum() < 12:
+        return None
+    ys, xs = np.nonzero(core)
+    values = pixels[core]                                                       # (N, 3)
+    wave = np.exp(-2j * np.pi * xs / (STRIPE_PERIOD * min(image.size)))         # (N,)
+    amplitude = 2 * np.abs(((values - values.mean(0)) * wave[:, None]).mean(0))  # (3,)
+    return float(np.linalg.norm(amplitude) / np.linalg.norm(values.mean(0)))
+
+
+def edit(output, source, reference):
+    """(s - s_source) / (s_reference - s_source), clipped to [0, 1], where s is stripe_strength and the
+    reference is the source drawn with the target's pattern. 0 when the output has no object."""
+    now, before, goal = stripe_strength(output), stripe_strength(source), stripe_strength(reference)
+    if now is None:
         return 0.0
-    target = np.array(COLOURS[target_colour], dtype=np.float32)
-    return float(np.clip(1 - np.linalg.norm(now - target) / np.linalg.norm(before - target), 0, 1))
+    return float(np.clip((now - before) / (goal - before), 0, 1))
 
 
 def nearest_colour(rgb):
@@ -75,12 +93,20 @@ def shape_of(mask):
     return SHAPES[int(np.searchsorted([1.365, 1.49], peakedness))]
 
 
+STRIPED = 0.3  # stripe_strength above which a shape reads as striped
+
+
 def describe(image):
-    """What a picture shows: (shape, colour, background), each None where it cannot be read."""
-    pixels = as_array(image)
-    mask = object_mask(image)
-    colour = nearest_colour(pixels[mask].mean(axis=0)) if mask.any() else None
-    return shape_of(mask), colour, nearest_colour(background_colour(pixels))
+    """What a picture shows: (pattern, shape, colour, background), each None where it cannot be
+    read. The colour is that of the object's brightest quarter, inside its edge: stripes leave it as it was."""
+    pixels, mask = as_array(image), object_mask(image)
+    strength = stripe_strength(image)
+    pattern = None if strength is None else "striped" if strength > STRIPED else "plain"
+    core, colour = inside(mask), None
+    if core.any():
+        brightness = pixels[core].sum(axis=1)
+        colour = nearest_colour(pixels[core][brightness >= np.percentile(brightness, 75)].mean(axis=0))
+    return pattern, shape_of(mask), colour, nearest_colour(background_colour(pixels))
 
 
 def components(mask):

@@ -2,9 +2,15 @@
 
     python -m toy.world scene.png --seed 3     # draws a scene; its caption goes to stderr
 
-A caption names the shape and two colours: "a red circle on a white background". It cannot say
+A caption names the shape's pattern, its colour, the shape and the background's colour: "a plain
+red circle on a white background", "a striped green square on a blue background". It cannot say
 where the shape sits, how large it is, or how it is turned and stretched. Those are what SINE must
-keep from the one picture it fine-tunes on; the colours are what a prompt edits.
+keep from the one picture it fine-tunes on; the pattern is what toy.replicate's prompt edits.
+
+Why stripes, rather than a colour, for the edit: a diffusion model settles a picture's coarse
+layout and colours at high noise and its fine detail at low noise. SINE's K leans on that, handing
+the low-noise steps to the pre-trained model so that it adds detail to a layout already fixed.
+Stripes a few pixels apart are such detail; a colour is settled with the layout.
 """
 import argparse
 import math
@@ -13,13 +19,16 @@ import random
 import sys
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 SIZE = 64  # pixels a side: the toy base's native resolution
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (240, 210, 40), "purple": (150, 60, 190), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
+PATTERNS = ("plain", "striped")
+STRIPE_PERIOD = 1 / 8  # of the shorter side: 8 pixels at 64 (2 latent pixels), 2 to 4 stripes a shape
+STRIPE_SHADE = 0.45    # a stripe is the shape's colour this much as bright
 
 # Pairs the base never sees in training: sampling them shows it composes words it knows.
 HELD_OUT = {("green", "triangle"), ("blue", "square"), ("yellow", "circle")}
@@ -27,6 +36,7 @@ HELD_OUT = {("green", "triangle"), ("blue", "square"), ("yellow", "circle")}
 
 @dataclass
 class Scene:
+    pattern: str
     shape: str
     colour: str          # the shape's
     background: str
@@ -37,14 +47,14 @@ class Scene:
     angle: float         # degrees, for squares and triangles
 
     def caption(self):
-        return f"a {self.colour} {self.shape} on a {self.background} background"
+        return f"a {self.pattern} {self.colour} {self.shape} on a {self.background} background"
 
 
-def random_scene(rng: random.Random, shape=None, colour=None, background=None, held_out=False):
+def random_scene(rng: random.Random, pattern=None, shape=None, colour=None, background=None, held_out=False):
     """A scene with the given words, the rest drawn from rng. Word pairs in HELD_OUT are drawn
     only when held_out is True (and then only they are)."""
     while True:
-        scene = Scene(shape or rng.choice(SHAPES), colour or rng.choice(list(COLOURS)),
+        scene = Scene(pattern or rng.choice(PATTERNS), shape or rng.choice(SHAPES), colour or rng.choice(list(COLOURS)),
                       background or rng.choice(list(COLOURS)), cx=rng.uniform(0.25, 0.75),
                       cy=rng.uniform(0.25, 0.75), radius=rng.uniform(0.15, 0.28), aspect=rng.uniform(0.7, 1.4),
                       angle=rng.uniform(0, 90))
@@ -65,11 +75,33 @@ def outline(scene, width, height):
     return points
 
 
+def stripe_colour(colour):
+    return tuple(round(STRIPE_SHADE * c) for c in COLOURS[colour])
+
+
+def stripes(scene, width, height):
+    """(x0, x1) pixel spans of the dark stripes: vertical, half of each period, one centred on the
+    shape so that they move with it."""
+    period = STRIPE_PERIOD * min(width, height)
+    centre = scene.cx * width
+    first = -math.ceil(centre / period) - 1
+    return [(centre + (k - 0.25) * period, centre + (k + 0.25) * period)
+            for k in range(first, first + math.ceil(width / period) + 3)]
+
+
 def draw(scene, width=SIZE, height=SIZE, supersample=4):
     """The scene as an RGB image. Drawn 4x larger and scaled down, so that edges are smooth."""
-    big = Image.new("RGB", (width * supersample, height * supersample), COLOURS[scene.background])
+    size = (width * supersample, height * supersample)
+    big = Image.new("RGB", size, COLOURS[scene.background])
     points = [(x * supersample, y * supersample) for x, y in outline(scene, width, height)]
     ImageDraw.Draw(big).polygon(points, fill=COLOURS[scene.colour])
+    if scene.pattern == "striped":
+        dark, shape = Image.new("RGB", size, stripe_colour(scene.colour)), Image.new("L", size, 0)
+        ImageDraw.Draw(shape).polygon(points, fill=255)
+        bands = Image.new("L", size, 0)
+        for x0, x1 in stripes(scene, width, height):
+            ImageDraw.Draw(bands).rectangle([x0 * supersample, 0, x1 * supersample - 1, size[1]], fill=255)
+        big.paste(dark, mask=ImageChops.darker(bands, shape))  # stripes, inside the shape only
     return big.resize((width, height), Image.BOX)
 
 
