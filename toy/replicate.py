@@ -41,6 +41,7 @@ from .base import TOY_BASE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEIGHT = 2 * world.SIZE, world.SIZE  # the 2:1 source, and the outputs at its size
+WIDE, NATIVE = (WIDTH, HEIGHT), (world.SIZE, world.SIZE)  # (width, height): effects 1 and 3, effect 2
 # The paper's sweeps reach the end where only the pre-trained model samples: K = 1000, v = 1 (Figs.
 # 7 and 9). Not the other end, v near 0: there, it reports, the fine-tuned model's artifacts make
 # fidelity poor (Sec. 4.3), and the toy's outputs mostly lose the shape. 0.5 is the lowest v the
@@ -83,8 +84,7 @@ def fine_tune(args, seed, scene, folder):
     busy (measured: 0.28 s a step on one thread, 0.30 s on two). No gradient checkpointing: the toy
     fits in memory, and recomputing activations would only cost time (a quarter of a step; the
     weights come out the same)."""
-    wide, native = (WIDTH, HEIGHT), (world.SIZE, world.SIZE)
-    sources = {size: os.path.join(folder, f"source-{size[0]}x{size[1]}.png") for size in (wide, native)}
+    sources = {size: os.path.join(folder, f"source-{size[0]}x{size[1]}.png") for size in (WIDE, NATIVE)}
     for size, path in sources.items():
         world.draw(scene, *size).save(path)
 
@@ -94,9 +94,9 @@ def fine_tune(args, seed, scene, folder):
                    "--no-grad-checkpointing", *flags, threads=max(1, os.cpu_count() // 2))[-1]
 
     with ThreadPoolExecutor(1) as pool:
-        patch = pool.submit(train, "patch", wide, "--steps", args.steps)
-        no_patch = train("no-patch", wide, "--no-patch", "--steps", args.nopatch_steps)
-        guidance = train("guidance-test", native, "--no-patch", "--steps", args.guidance_steps)
+        patch = pool.submit(train, "patch", WIDE, "--steps", args.steps)
+        no_patch = train("no-patch", WIDE, "--no-patch", "--steps", args.nopatch_steps)
+        guidance = train("guidance-test", NATIVE, "--no-patch", "--steps", args.guidance_steps)
     return {"patch": patch.result(), "no-patch": no_patch, "guidance test": guidance}
 
 
@@ -115,7 +115,7 @@ def edits(args, models, target, folder):
     guiding the pre-trained model with Eq. 3 ("w/ guidance"). By itself means as an ordinary
     text-to-image model, its own unconditional prediction included: export.py writes it as a
     complete checkpoint. Effects 1 and 3 are at the source's 2:1."""
-    base, wide, native = ["--base", args.base], (WIDTH, HEIGHT), (world.SIZE, world.SIZE)
+    base, wide, native = ["--base", args.base], WIDE, NATIVE
     asked = ["--target", prompt(target)]
     exported = run("export.py", models["guidance test"], *base, "--fp32", "--overwrite",
                    "--out", os.path.join(folder, "guidance-test-exported.safetensors"))[-1]
@@ -137,12 +137,13 @@ def edits(args, models, target, folder):
 def records(found, scene, target):
     """One row per output, scored against the scene and the target drawn at the output's size: 2:1
     for effects 1 and 3, 1:1 for effect 2."""
+    drawn = {size: (world.draw(scene, *size), world.draw(target, *size)) for size in (WIDE, NATIVE)}
     rows = []
     for condition, paths in found.items():
         for path in paths:
             settings = outputs.read_settings(path)
             image = Image.open(path).convert("RGB")
-            source, reference = world.draw(scene, *image.size), world.draw(target, *image.size)
+            source, reference = drawn[image.size]
             rows.append({"condition": condition, "path": os.path.relpath(path, ROOT), "seed": settings["seed"],
                          "K": float(settings["K"]), "v": float(settings["v"]), "target": settings["target"],
                          "fidelity": round(score.fidelity(image, source), 4),
