@@ -241,7 +241,7 @@ def ours_train(job, device):
         optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
         time_optimizer(optimizer, device, ADAMW_TIMES)
     else:
-        sine.adamw_in_backward(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
+        sine.adamw_in_backward(params, lr=1e-6, weight_decay=0.01, fused=True)  # as train.py
     cli.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
     region = cli.bf16_autocast(device, job.bf16)
