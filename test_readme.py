@@ -6,7 +6,7 @@ download), so the pictures are noise; what is checked is that each command exits
 it says. Two liberties, both spelled out below: commands that would fine-tune for 10,000 steps or
 sample for 50 get `--steps 2` appended, and paths under /tmp/ are moved into pytest's temporary
 folder. The one-minute check runs with neither: it is meant to be fast as written, on the toy base.
-The toy section's long commands are not run here: `toy.pretrain` takes about half an hour, and
+The toy section's long commands are not run here: `toy.pretrain` takes half an hour or more, and
 test_toy.py runs `toy.replicate` itself, reduced.
 """
 import os

@@ -138,7 +138,7 @@ def test_the_identifier_takes_the_shapes_place_so_the_base_still_reads_the_capti
 
 
 # ---------------------------------------------------------------------------------------------
-# The replication, reduced: one scene, 1000 steps with patches, no sweeps (about 5 minutes on 2 cores of an Intel Xeon)
+# The replication, reduced: one scene, 1000 steps with patches, no sweeps (256 s on 2 cores of an Intel Xeon)
 #
 # How much each effect varies from scene to scene, measured with these settings on seeds 2-6
 # (toy.replicate --steps 1000, 3 samples each): the standard deviation (n - 1) over the five seeds of
