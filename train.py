@@ -171,10 +171,8 @@ def load_resume_state(path, sd, optimizers, generator):
             elif kind == "weight":
                 params[name].copy_(tensor)
             else:  # exp_avg.i, exp_avg_sq.i, step.i: AdamW's state of parameter i
-                param = numbered[int(name)]
-                optimizer = optimizers[param]
-                on_device = kind != "step" or optimizer.defaults["fused"]  # fused AdamW keeps step on the device
-                optimizer.state[param][kind] = tensor.to(param.device if on_device else "cpu")
+                param = numbered[int(name)]  # fused AdamW (train.py's) keeps even its step count on the device
+                optimizers[param].state[param][kind] = tensor.to(param.device)
     return int(header["__metadata__"]["step"])
 
 
