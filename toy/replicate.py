@@ -1,6 +1,6 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: 12.5 minutes on 2 CPU cores (Intel Xeon)
+    python -m toy.replicate                  # seed 1; 9 to 16 minutes a seed on 2 CPU cores (Intel Xeon)
     python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
 For each seed: draw a 2:1 scene ("a plain red circle on a white background", 128 x 64 pixels),
@@ -88,15 +88,15 @@ def fine_tune(args, seed, scene, folder):
     for size, path in sources.items():
         world.draw(scene, *size).save(path)
 
-    def train(name, size, *flags):
-        return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base, "--lr", args.lr,
+    def train(name, size, lr, *flags):
+        return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base, "--lr", lr,
                    "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite",
                    "--no-grad-checkpointing", *flags, threads=max(1, os.cpu_count() // 2))[-1]
 
     with ThreadPoolExecutor(1) as pool:
-        patch = pool.submit(train, "patch", WIDE, "--steps", args.steps)
-        no_patch = train("no-patch", WIDE, "--no-patch", "--steps", args.nopatch_steps)
-        guidance = train("guidance-test", NATIVE, "--no-patch", "--steps", args.guidance_steps)
+        patch = pool.submit(train, "patch", WIDE, args.lr, "--steps", args.steps)
+        no_patch = train("no-patch", WIDE, args.lr, "--no-patch", "--steps", args.nopatch_steps)
+        guidance = train("guidance-test", NATIVE, args.guidance_lr, "--no-patch", "--steps", args.guidance_steps)
     return {"patch": patch.result(), "no-patch": no_patch, "guidance test": guidance}
 
 
@@ -262,6 +262,8 @@ def main(argv=None):
     p.add_argument("--guidance-steps", type=int, default=800,
                    help="fine-tuning steps of effect 2's --no-patch model at 1:1 (the paper's 800, Sec. 4.2)")
     p.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
+    p.add_argument("--guidance-lr", type=float, default=2e-4,
+                   help="effect 2's model's: high enough that, sampled alone, it ignores the edit as the paper's does")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=8, help="edits per setting, with seeds 0, 1, ...")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
