@@ -82,6 +82,9 @@ def train_vae(vae, rng, steps, batch, lr, kl_weight=1e-6):
             print(f"vae step {step}: loss {loss.item():.4f}", flush=True)
 
 
+RESCALE_SCENES = 256  # scenes that set the latent scale
+
+
 @torch.no_grad()
 def rescale_latents(vae, x):
     """Scale the latent by c, exactly: quant_conv's mean outputs times c (its log-variance plus
@@ -106,6 +109,7 @@ def rescale_latents(vae, x):
 # random offset per channel teaches it to take the colour from the caption instead (Guttenberg's
 # "offset noise"). Training only: sampling and SINE's fine-tuning are unchanged.
 OFFSET_NOISE = 0.1
+ALPHAS = alphas_cumprod()
 
 
 def denoiser_loss(unet, text_encoder, latents, ids, empty_ids, batch, generator, maps=None):
@@ -117,7 +121,7 @@ def denoiser_loss(unet, text_encoder, latents, ids, empty_ids, batch, generator,
     noise = torch.randn(z0.shape, generator=generator)
     noise += OFFSET_NOISE * torch.randn((batch, z0.shape[1], 1, 1), generator=generator)
     position_map = maps(batch, z0.shape[-2:]) if maps else None
-    return F.mse_loss(unet(add_noise(z0, noise, t, alphas_cumprod()), t, text_encoder(caption), position_map), noise)
+    return F.mse_loss(unet(add_noise(z0, noise, t, ALPHAS), t, text_encoder(caption), position_map), noise)
 
 
 def optimizer_step(optimizer, params, loss):
@@ -249,13 +253,13 @@ def main(argv=None):
     if args.start_from:
         sd = load_sd(args.start_from)
         unet, vae, text_encoder = sd.unet, sd.vae, sd.text_encoder
-        for _ in range(args.vae_steps * args.vae_batch + 256):  # the scenes steps 1 and 2 drew
+        for _ in range(args.vae_steps * args.vae_batch + RESCALE_SCENES):  # the scenes steps 1 and 2 drew
             world.random_scene(rng)
     else:
         unet, vae, text_encoder = UNet(TOY.unet), VAE(TOY.vae), TextEncoder(TOY.text_encoder)
         train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=3e-4)  # at 1e-3 it drew no stripes after 1000 steps
         vae.requires_grad_(False).eval()
-        c = rescale_latents(vae, scene_batch(rng, 256)[1])
+        c = rescale_latents(vae, scene_batch(rng, RESCALE_SCENES)[1])
         print(f"latents rescaled by {c:.3f} ({time.time() - start:.0f} s)", flush=True)
 
     scenes = [world.random_scene(rng) for _ in range(args.scenes)]
@@ -271,7 +275,8 @@ def main(argv=None):
     if not args.start_from:
         unet, text_encoder = train_denoiser(unet, text_encoder, latents, ids, empty_ids, args.unet_steps,
                                             args.batch, 5e-4, torch.Generator().manual_seed(args.seed))
-    unet.requires_grad_(True).train(), text_encoder.requires_grad_(True).train()
+    unet.requires_grad_(True).train()
+    text_encoder.requires_grad_(True).train()
     ignore_maps(unet, text_encoder, latents, ids, empty_ids, args.map_steps, args.batch,
                 torch.Generator().manual_seed(args.seed + 1))
     minutes = (time.time() - start) / 60
