@@ -247,7 +247,7 @@ def ours_train(job, device):
     region = cli.bf16_autocast(device, job.bf16)
 
     def step():
-        loss = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
+        loss, _ = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
         if job.adamw_after_backward:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

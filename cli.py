@@ -3,6 +3,7 @@ politely (checked arguments, one-line warnings, Ctrl-C), reading any photo, and 
 
 A user's mistake ends the program with one line on stderr that says what to do, never a traceback.
 """
+import argparse
 import glob
 import os
 import signal
@@ -15,9 +16,9 @@ from contextlib import contextmanager
 import torch
 from PIL import Image, ImageOps
 
-from model.loader import CheckpointError, read_header
+from model.loader import CheckpointError, fingerprint, read_header
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+PROGRAM_DIR = os.path.dirname(os.path.abspath(__file__))  # its weights/ holds the checkpoints
 FINETUNED_DIR = "finetuned"
 
 
@@ -42,7 +43,7 @@ def find_base(path=None):
     """--base if given, else the one SD v1 .safetensors file in weights/ (the toy base does not count)."""
     if path:
         return path
-    candidates = sorted(p for p in glob.glob(os.path.join(WEIGHTS_DIR, "*.safetensors"))
+    candidates = sorted(p for p in glob.glob(os.path.join(PROGRAM_DIR, "weights", "*.safetensors"))
                         if os.path.basename(p) != TOY_BASE and not _safe_is_finetuned(p))
     if len(candidates) == 1:
         return candidates[0]
@@ -56,6 +57,53 @@ def _safe_is_finetuned(path):
         return is_finetuned(path)
     except CheckpointError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Files named by their fingerprint: a fine-tuned file names its base so, and a PNG each file it used
+
+def recorded_path(path):
+    """How a PNG records a file's place: from the program's folder if the file lies inside it, else
+    by its name alone. Never an absolute path: a PNG shared online must not show the user's folders."""
+    inside = os.path.relpath(os.path.abspath(path), PROGRAM_DIR)
+    return inside if not inside.startswith(os.pardir) else os.path.basename(path)
+
+
+def safe_fingerprint(path):
+    """A file's fingerprint, or None for anything that is not a readable safetensors file."""
+    try:
+        read_header(path)  # validates first: fingerprint() trusts the header's length
+        return fingerprint(path)
+    except (CheckpointError, OSError):
+        return None
+
+
+def places(path=None, folders=("weights", FINETUNED_DIR), near=None):
+    """Where to look for a file: path (from the program's folder, or as given), then every .safetensors
+    file in folders, in near, the working folder and beside the program. Each once, in that order."""
+    found = [os.path.join(PROGRAM_DIR, path), path] if path else []
+    for folder in folders:
+        for root in (near or PROGRAM_DIR, os.getcwd(), PROGRAM_DIR):
+            found += sorted(glob.glob(os.path.join(root, folder, "*.safetensors")))
+    return [p for p in dict.fromkeys(os.path.abspath(p) for p in found) if os.path.isfile(p)]
+
+
+def find_by_fingerprint(fingerprint_wanted, path=None, folders=("weights", FINETUNED_DIR), near=None):
+    """The first of places() whose fingerprint is the one wanted; None if there is none."""
+    return next((p for p in places(path, folders, near) if safe_fingerprint(p) == fingerprint_wanted), None)
+
+
+def base_of(finetuned_path, metadata, given=None):
+    """The base a fine-tuned file was made from: --base if given (edit.py checks that it matches),
+    else the file in weights/ whose fingerprint the fine-tuned file records."""
+    if given:
+        return given
+    found = find_by_fingerprint(metadata.get("base_fingerprint"), folders=("weights",))
+    if found is None:
+        raise ValueError(f"{finetuned_path} was fine-tuned from {metadata.get('base')} (fingerprint "
+                         f"{metadata.get('base_fingerprint')}), which is not in weights/: put it there, or pass "
+                         "it as --base")
+    return found
 
 
 @contextmanager
@@ -117,10 +165,22 @@ def pick_device(name=None):
 MAX_SEED = 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 
 
-def check_seed(seed, count=1):
-    """seed, seed + 1, ..., seed + count - 1 must all be seeds that PyTorch accepts."""
+def check_seed(seed, count=1, random_too=False):
+    """seed, seed + 1, ..., seed + count - 1 must all be seeds that PyTorch accepts. random_too:
+    the program also takes -1, which draws a seed, and the message says so."""
     if not 0 <= seed <= MAX_SEED - (count - 1):
-        raise ValueError(f"--seed must be from 0 to {MAX_SEED - (count - 1)} (got {seed})")
+        raise ValueError(f"--seed must be from 0 to {MAX_SEED - (count - 1)}{', or -1 for a random one' * random_too} "
+                         f"(got {seed})")
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows each option's default after its text, unless the text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def plain_warnings():

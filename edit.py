@@ -30,17 +30,19 @@ from model.vae import use_tiles
 
 def parse_args(argv=None):
     """The flags; with --from PNG, the PNG's settings are the defaults, so flags given beside it win."""
-    p = argparse.ArgumentParser(description="SINE model-guided editing.")
+    p = argparse.ArgumentParser(description="SINE model-guided editing.", formatter_class=cli.HelpWithDefaults)
     p.add_argument("--target", nargs="+", help='the edit, e.g. "... covered by snow"; several are rendered in turn')
     p.add_argument("--from", dest="from_png", metavar="PNG",
                    help="every setting from a PNG of ours; flags given beside it override, e.g. --seed 5")
     p.add_argument("--negative", default="",
-                   help="negative prompt: replaces the empty prompt of the pre-trained model's unconditional pass")
+                   help="negative prompt: replaces the empty prompt of the pre-trained model's unconditional pass "
+                        "(default: empty)")
     p.add_argument("--finetuned", nargs="+", help="fine-tuned file(s) from train.py (default: the newest); none: plain SD")
     p.add_argument("--finetuned-prompt", nargs="+", metavar="PROMPT",
                    help='what the fine-tuned model is asked for while it guides, with [*] (default: its training '
                         'prompt); one per --finetuned file. Content removal (Sec. 4.4) gives "a [*] dog" here')
-    p.add_argument("--base", help="SD v1 .safetensors (default: the one file in weights/)")
+    p.add_argument("--base", help="SD v1 .safetensors (default: the file in weights/ that the fine-tuned file was "
+                                  "made from; with --finetuned none, the one SD v1 file there)")
     p.add_argument("--K", default="400", help="guide with the fine-tuned model while t > K (0..1000); a list sweeps")
     p.add_argument("--v", default="0.7", help="share of the pre-trained prediction (0..1); a list sweeps")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance weight w")
@@ -48,11 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")
     p.add_argument("--height", type=int, help="multiple of 64 for SD v1 (default: the photo's aspect, with the base's native "
                                           "size on the short side: 512 for SD v1)")
-    p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int, default=0, help="-1: a random one, recorded in the PNG")
+    p.add_argument("--width", type=int, help="multiple of 64 for SD v1 (default: as for --height)")
+    p.add_argument("--seed", type=int, default=0, help="-1 draws one, recorded in the PNG")
     p.add_argument("--n", type=int, default=1, help="samples, with seeds seed, seed+1, ...")
     p.add_argument("--out", default="outputs", help="folder for the PNGs")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="UNet passes in bfloat16 autocast, the UNets' frozen weights stored in bf16; the text "
                         "encoder and VAE stay fp32 (default: on with a GPU of compute capability 8.0 or newer "
@@ -70,8 +72,11 @@ def parse_args(argv=None):
             settings = outputs.read_settings(args.from_png)
         except ValueError as e:
             cli.fail(e)
-        p.set_defaults(**{**settings, "target": [settings["target"]]})
+        files = ("base", "finetuned", "fingerprints", "models")  # found by fingerprint in load(), unless given
+        p.set_defaults(**{**{key: value for key, value in settings.items() if key not in files},
+                          "target": [settings["target"]]})
         args = p.parse_args(argv)
+    args.recorded = settings if args.from_png else None
     return args
 
 
@@ -131,7 +136,8 @@ def find_finetuned(paths):
     return found[-1:]
 
 
-def read_finetuned(path, base):
+def read_finetuned(path):
+    """A fine-tuned file's metadata, after checking that it is one."""
     metadata = read_header(path).get("__metadata__") or {}
     if path.endswith(".resume.safetensors"):
         raise ValueError(f"{path} is train.py's resume state; pass the fine-tuned file beside it, "
@@ -142,10 +148,63 @@ def read_finetuned(path, base):
     if int(metadata.get("steps", 0)) < int(metadata.get("planned_steps", 0)):
         cli.say(f"note: {path} is unfinished, trained for {metadata['steps']} of {metadata['planned_steps']} "
                 "steps (train.py --resume continues it); editing with it anyway")
-    if metadata.get("base_fingerprint") != fingerprint(base):
+    return metadata
+
+
+def check_base(path, metadata, base, base_fingerprint):
+    if metadata.get("base_fingerprint") != base_fingerprint:
         raise ValueError(f"{path} was fine-tuned from {metadata.get('base')} (fingerprint "
                          f"{metadata.get('base_fingerprint')}), not from {base}: pass that file as --base")
-    return metadata
+
+
+def find_recorded(png, flag, path, fingerprint_wanted, model=None):
+    """A file that --from's PNG names: at its recorded place, or any copy with its fingerprint in
+    weights/ or finetuned/. Else one line that says what changed. model: what the PNG recorded of a
+    fine-tuned file (its training prompt and steps)."""
+    if not fingerprint_wanted:  # a PNG from before fingerprints were recorded: the path, unchecked
+        return path if os.path.isfile(path) else gone(png, flag, path)
+    near = os.path.dirname(os.path.dirname(os.path.abspath(png)))  # where edit.py ran, if the PNG is in its --out
+    found = cli.find_by_fingerprint(fingerprint_wanted, path, near=near)
+    if found:
+        return found
+    there = next((p for p in cli.places(path, near=near) if os.path.basename(p) == os.path.basename(path)), None)
+    if there is None:
+        gone(png, flag, path)
+    now = read_header(there).get("__metadata__") or {}
+    what = (f": {now.get('steps')} steps, the image's had {model['steps']}"
+            if model and str(model.get("steps")) != now.get("steps") else f" (fingerprint {fingerprint(there)}, "
+            f"the image's {fingerprint_wanted})")
+    raise ValueError(f"{os.path.relpath(there)} has changed since {png} was made{what}. No copy of the old one is "
+                     f"in weights/ or finetuned/: pass {flag} with it, or give {flag} the new one to use it as it is")
+
+
+def gone(png, flag, path):
+    raise ValueError(f"--from {png} was made with {path}, which is not there (any more), and no file in "
+                     f"weights/ or finetuned/ has its fingerprint: pass {flag} with the file's new place")
+
+
+def recorded_files(args):
+    """--from: the fine-tuned files its PNG names, found by fingerprint (a --finetuned given beside it wins)."""
+    settings = args.recorded
+    if args.finetuned or settings["finetuned"] == ["none"]:
+        return args.finetuned or ["none"]
+    count = len(settings["finetuned"])
+    fingerprints = (settings.get("fingerprints") or {}).get("finetuned") or [None] * count
+    return [find_recorded(args.from_png, "--finetuned", path, fp, model)
+            for path, fp, model in zip(settings["finetuned"], fingerprints, settings.get("models") or [None] * count)]
+
+
+def choose_base(args, files, metadata):
+    """--base if given; else for --from the PNG's base, found by fingerprint; else the base that the
+    first fine-tuned file records; with none, the one SD v1 file in weights/."""
+    if args.base:
+        return args.base
+    if args.recorded and not (files and args.finetuned_given):
+        fp = (args.recorded.get("fingerprints") or {}).get("base")
+        return find_recorded(args.from_png, "--base", args.recorded["base"], fp)
+    if files:
+        return cli.base_of(files[0], metadata[0])
+    return cli.find_base()
 
 
 def check_args(args):
@@ -160,12 +219,13 @@ def check_args(args):
     if args.seed == -1:
         args.seed = random.randrange(2**32)
         cli.say(f"seed: {args.seed}")
-    cli.check_seed(args.seed, args.n)
+    cli.check_seed(args.seed, args.n, random_too=True)
     if not args.target:
         raise ValueError('--target is needed: the edit, e.g. --target "... covered by snow" (or --from PNG)')
-    if any(sine.PLACEHOLDER in target for target in args.target):
-        raise ValueError(f"--target is for the pre-trained model, which does not know {sine.PLACEHOLDER}: "
-                         'name the class instead ("a castle in snow"), or continue the training prompt ("... in snow")')
+    for flag, prompts in (("--target", args.target), ("--negative", [args.negative])):
+        if any(sine.PLACEHOLDER in prompt for prompt in prompts):
+            raise ValueError(f"{flag} is for the pre-trained model, which does not know {sine.PLACEHOLDER}: name the "
+                             'class instead ("a castle in snow"), or continue the training prompt ("... in snow")')
     if os.path.isfile(args.out) or args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
         raise ValueError(f"--out {args.out} names a file, but --out is the folder for the PNGs, e.g. --out results")
 
@@ -177,15 +237,19 @@ def to_pil(pixels):
     return Image.fromarray(array.numpy())
 
 
+LABEL_HEIGHT = 16  # pixels of the band above each image that holds its label
+
+
 def grid_image(cells, rows, cols):
-    """cells: {(row, col): (image, label)} -> one image, labels drawn on each cell."""
+    """cells: {(row, col): (image, label)} -> one image, each label in a band above its image, so
+    that no label hides a pixel."""
     w, h = next(iter(cells.values()))[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    cell_h = h + LABEL_HEIGHT
+    grid = Image.new("RGB", (cols * w, rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
     for (r, c), (image, label) in cells.items():
-        grid.paste(image, (c * w, r * h))
-        draw.rectangle([c * w, r * h, c * w + 8 * len(label) + 8, r * h + 16], fill="black")
-        draw.text((c * w + 4, r * h + 2), label, fill="white")
+        grid.paste(image, (c * w, r * cell_h + LABEL_HEIGHT))
+        draw.text((c * w + 2, r * cell_h + 2), label, fill="black")
     return grid
 
 
@@ -221,6 +285,7 @@ class Setup:
     height: int
     width: int
     device: torch.device
+    base_fingerprint: str
 
 
 def load(args):
@@ -228,12 +293,9 @@ def load(args):
     before any weight is read."""
     check_args(args)
     cli.use_huge_pages()
+    args.finetuned_given = bool(args.finetuned)
     if args.from_png:
-        gone = [path for path in [args.base] + (args.finetuned or []) if path not in (None, "none") and
-                not os.path.isfile(path)]
-        if gone:
-            raise ValueError(f"--from {args.from_png} names {gone[0]}, which is not there (any more): pass "
-                             f"{'--base' if gone[0] == args.base else '--finetuned'} with the file's new place")
+        args.finetuned = recorded_files(args)
     files = find_finetuned(args.finetuned)
     Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
     vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)
@@ -241,17 +303,23 @@ def load(args):
         Ks, vs = Ks[:1], vs[:1]  # nothing to sweep without a fine-tuned model
     if any(sum(1 - x for x in v) > 1 for v in vs):
         raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
-    args.base = cli.find_base(args.base)
+    metadata = [read_finetuned(path) for path in files]
+    args.base = choose_base(args, files, metadata)
     config = read_config(args.base)  # also refuses anything but an SD v1 file
     step = size_step(config)
     check_size(args.height, "height", step)
     check_size(args.width, "width", step)
-    metadata = [read_finetuned(path, args.base) for path in files]
+    base_fingerprint = fingerprint(args.base)
+    for path, meta in zip(files, metadata):
+        check_base(path, meta, args.base, base_fingerprint)
+        meta["fingerprint"] = fingerprint(path)
     prompts = args.finetuned_prompt or [m["prompt"] for m in metadata]
     if len(prompts) != len(metadata):
         raise ValueError(f"--finetuned-prompt: give one prompt per --finetuned file ({len(metadata)})")
     for meta, prompt in zip(metadata, prompts):
-        sine.training_prompt(prompt)  # needs [*]
+        if sine.PLACEHOLDER not in prompt:
+            raise ValueError(f'--finetuned-prompt {prompt!r} needs the identifier {sine.PLACEHOLDER}, which stands '
+                             'for what the model learned: e.g. "a [*] dog"')
         meta["sampling_prompt"] = prompt
     if any(target.startswith(("...", "\u2026")) for target in args.target) and not metadata:
         raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
@@ -265,7 +333,7 @@ def load(args):
     cli.check_writable_folder(os.path.join(args.out, "x.png"))
     sd = load_sd(args.base, device=device)
     finetuned = [sine.apply_finetuned(load_sd(args.base, device=device), path) for path in files]
-    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device)
+    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, base_fingerprint)
 
 
 def trained_sizes(finetuned, metadata):
@@ -276,8 +344,10 @@ def trained_sizes(finetuned, metadata):
 
 def image_settings(args, s, target, K, v, seed, autocast):
     """Everything that made one image, under edit.py's flag names: outputs.py writes it into the PNG."""
-    return {"target": target, "negative": args.negative, "finetuned": s.files or ["none"],
-            "finetuned_prompt": [m["sampling_prompt"] for m in s.metadata], "base": args.base,
+    return {"target": target, "negative": args.negative,
+            "finetuned": [cli.recorded_path(path) for path in s.files] or ["none"],
+            "finetuned_prompt": [m["sampling_prompt"] for m in s.metadata], "base": cli.recorded_path(args.base),
+            "fingerprints": {"base": s.base_fingerprint, "finetuned": [m["fingerprint"] for m in s.metadata]},
             "K": joined(K), "v": joined(v), "scale": args.scale,
             "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
             "bf16": autocast is not None, "tile_vae": use_tiles(args.tile_vae, s.width * s.height),

@@ -15,15 +15,17 @@ import torch
 
 import cli
 import sine
-from edit import read_finetuned
+from edit import check_base, read_finetuned
 from model import load_sd
-from model.loader import CONFIG_KEY, PREFIXES, atomic_path, check_sd_v1, write_safetensors
+from model.loader import CONFIG_KEY, PREFIXES, atomic_path, check_sd_v1, fingerprint, write_safetensors
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Export a fine-tuned model as a complete SD v1 .safetensors file.")
+    p = argparse.ArgumentParser(description="Export a fine-tuned model as a complete SD v1 .safetensors file.",
+                                formatter_class=cli.HelpWithDefaults)
     p.add_argument("finetuned", help="a fine-tuned file from train.py")
-    p.add_argument("--base", help="the SD v1 file it was fine-tuned from (default: the one file in weights/)")
+    p.add_argument("--base", help="the SD v1 file it was fine-tuned from (default: the file in weights/ with the "
+                                  "fingerprint that the fine-tuned file records)")
     p.add_argument("--out", help="default: exported/ and the fine-tuned file's name")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16: half the size)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -37,9 +39,10 @@ def load(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or choose --out")
     cli.check_writable_folder(args.out)
-    args.base = cli.find_base(args.base)
+    trained = read_finetuned(args.finetuned)
+    args.base = cli.base_of(args.finetuned, trained, args.base)
     _, base_metadata = check_sd_v1(args.base)
-    trained = read_finetuned(args.finetuned, args.base)
+    check_base(args.finetuned, trained, args.base, fingerprint(args.base))
     metadata = {"sine.exported_from": os.path.basename(args.finetuned), "base": os.path.basename(args.base),
                 "training_prompt": sine.training_prompt(trained["prompt"]), "steps": trained["steps"]}
     if CONFIG_KEY in base_metadata:  # a model.tiny base: its sizes go along

@@ -72,9 +72,10 @@ def crops_picture(image, full_map, seed=0, count=4):
         ImageDraw.Draw(crop).rectangle([0, 0, TILE - 1, TILE - 1], outline=colour, width=3)
         cells[0, col] = (crop, f"crop {col + 1}")
         cells[1, col] = (as_colour(sine.crop_position_map(full_map, crop_box, (64, 64))[0]), "its map")
-    picture = Image.new("RGB", (count * TILE, 4 * TILE))
+    below = grid_image(cells, 2, count)
+    picture = Image.new("RGB", (count * TILE, top.height + below.height))
     picture.paste(top, (0, 0))
-    picture.paste(grid_image(cells, 2, count), (0, 2 * TILE))
+    picture.paste(below, (0, top.height))
     return picture, crop_boxes
 
 

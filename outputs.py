@@ -21,6 +21,9 @@ SETTINGS_CHUNK = "sine"
 # What --from takes from a PNG: every setting that changes the pixels, under edit.py's flag names.
 SETTINGS = ("target", "negative", "finetuned", "finetuned_prompt", "base", "K", "v", "scale", "steps", "eta",
             "seed", "width", "height", "bf16", "tile_vae", "channels_last")
+# And what --from checks its files against: each file's fingerprint, and each fine-tuned file's prompt and steps
+# (PNGs from before fingerprints were recorded have none).
+FILES = ("fingerprints", "models")
 
 
 def quote(value):
@@ -94,4 +97,4 @@ def read_settings(path):
     settings = json.loads(chunk)
     if settings.get("grid"):
         raise ValueError(f"--from {path} is a grid of several edits: pass one of its images")
-    return {key: settings[key] for key in SETTINGS}
+    return {**{key: settings[key] for key in SETTINGS}, **{key: settings.get(key) for key in FILES}}

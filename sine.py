@@ -225,6 +225,7 @@ class NonFiniteLoss(ArithmeticError):
 def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1):
     """One step on one example: forward, then backward, during which adamw_in_backward (set up once
     beforehand) updates the weights. Both the UNet and the text encoder learn; the VAE is frozen.
+    Returns the loss and the timestep it was drawn at (train.py logs both).
 
     A nan or inf loss raises NonFiniteLoss before backward, so no weight is touched by it."""
     example = sample_example(sd.vae, canvas, patch, generator, full_map, sizes)
@@ -238,7 +239,7 @@ def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=No
     if not math.isfinite(value):
         raise NonFiniteLoss(value)
     loss.backward()
-    return value
+    return value, int(t)
 
 
 # ---------------------------------------------------------------------------------------------

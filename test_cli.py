@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import cli  # the repository's copy; the scripts run from a copy of it
+from edit import LABEL_HEIGHT
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SOURCE_SIZE = (112, 72)  # (w, h): wide, and 512 on the short side makes the long side 796, not a multiple of 64
@@ -60,6 +61,11 @@ def parameters(path):
 def pixels(path):
     with Image.open(path) as image:
         return np.array(image)
+
+
+def recorded(trained_path):
+    """How edit.py records a file in the program's folder (workdir here): its path from there."""
+    return os.path.join("finetuned", os.path.basename(trained_path))
 
 
 def sha256(path):
@@ -184,8 +190,8 @@ def test_edit_nonsquare_size(nonsquare_runs, trained_patch):
     p = parameters(path)
     assert (p["width"], p["height"]) == (192, 128)
     assert p["target"] == SNOW
-    assert p["finetuned"] == [trained_patch["path"]]
-    assert os.path.basename(p["base"]) == "tiny.safetensors"
+    assert p["finetuned"] == [recorded(trained_patch["path"])]
+    assert p["base"] == os.path.join("weights", "tiny.safetensors")  # from the program's folder, never absolute
 
 
 def test_edit_is_deterministic(nonsquare_runs):
@@ -227,12 +233,12 @@ def test_sweep_writes_every_combination_and_a_grid(sweep, trained_patch):
         assert p["target"] == SNOW
         assert [m["prompt"] for m in p["models"]] == [PROMPT]
         assert os.path.basename(p["base"]) == "tiny.safetensors"
-        assert p["finetuned"] == [trained_patch["path"]]
+        assert p["finetuned"] == [recorded(trained_patch["path"])]
         with Image.open(path) as image:
             assert image.size == (128, 64)
     (grid,) = sweep["grids"]
     with Image.open(grid) as image:
-        assert image.size == (2 * 128, 2 * 64)
+        assert image.size == (2 * 128, 2 * (LABEL_HEIGHT + 64))
     assert parameters(grid)["seed"] == 3 and parameters(grid)["K"] == "400,900"
 
 
@@ -265,7 +271,7 @@ def test_two_models_guide_one_edit(workdir, trained_patch, trained_nopatch):
     (path,) = printed_paths(result, workdir)
     p = parameters(path)
     assert p["K"] == "400/600" and p["v"] == "0.8/0.9"
-    assert p["finetuned"] == [trained_patch["path"], trained_nopatch["path"]]
+    assert p["finetuned"] == [recorded(trained_patch["path"]), recorded(trained_nopatch["path"])]
     assert [m["prompt"] for m in p["models"]] == [PROMPT, STYLE_PROMPT]
     with Image.open(path) as image:
         assert image.size == (64, 64)
@@ -404,9 +410,9 @@ def test_from_a_png_it_cannot_use_gets_one_line(workdir, sweep, trained_patch, n
         source = os.path.join(workdir, "castle.png")
     elif png == "grid":
         (source,) = sweep["grids"]
-    else:  # a PNG whose fine-tuned file has since moved
+    else:  # a PNG whose fine-tuned file has since moved, and has no copy in finetuned/
         moved = os.path.join(workdir, "finetuned", "moved.safetensors")
-        shutil.copy(trained_patch["path"], moved)
+        run(workdir, "train.py", "castle.png", PROMPT, "--steps", 1, "--seed", 9, "--out", moved)
         result = run(workdir, "edit.py", "--target", "a castle", "--finetuned", moved, "--height", 64, "--width",
                      64, "--steps", 1, "--out", tmp_path / "made")
         (source,) = printed_paths(result, workdir)
@@ -457,3 +463,192 @@ def test_export_never_replaces_a_file_without_overwrite(workdir, trained_patch, 
     assert result.returncode != 0 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "--overwrite" in result.stderr
     assert out.read_bytes() == b"mine" and os.listdir(tmp_path) == ["exists.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Coming back: --from finds the files that made an image, by fingerprint, from any folder
+
+def edit_from(workdir, png, cwd, out, *extra, check=True):
+    return run(workdir, "edit.py", "--from", png, "--out", out, *extra, cwd=str(cwd), check=check)
+
+
+def test_from_refuses_a_retrained_model_then_finds_the_original_by_fingerprint(workdir, tmp_path):
+    """The user's own folder (not the program's) holds finetuned/ and outputs/, as when train.py and
+    edit.py run there with their defaults."""
+    shutil.copy(os.path.join(workdir, "castle.png"), tmp_path / "castle.png")
+    # --seed 5: a model unlike any other in the session (the same training gives the same file, and
+    # the program's own finetuned/ is searched too).
+    run(workdir, "train.py", "castle.png", PROMPT, "--steps", 2, "--seed", 5, cwd=str(tmp_path))
+    made = run(workdir, "edit.py", "--target", "... in snow", "--height", 64, "--width", 64, "--steps", 2,
+               cwd=str(tmp_path))
+    (png,) = printed_paths(made, str(tmp_path))
+    model = tmp_path / "finetuned" / "castle.safetensors"
+    shutil.copy(model, tmp_path / "kept-aside.safetensors")  # outside weights/ and finetuned/: not searched
+    run(workdir, "train.py", "castle.png", PROMPT, "--steps", 1, "--seed", 5, "--overwrite", cwd=str(tmp_path))
+
+    refused = edit_from(workdir, png, tmp_path, "again", check=False)
+    assert refused.returncode != 0 and refused.stdout == "" and "Traceback" not in refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "castle.safetensors has changed since" in line and "1 steps, the image's had 2" in line, line
+    assert "--finetuned" in line
+    assert not (tmp_path / "again").exists()
+
+    # A copy of the original, under another name in finetuned/, is found by its fingerprint.
+    shutil.copy(tmp_path / "kept-aside.safetensors", tmp_path / "finetuned" / "old-castle.safetensors")
+    (again,) = printed_paths(edit_from(workdir, png, tmp_path, "again"), str(tmp_path))
+    assert np.array_equal(pixels(again), pixels(png))
+    assert parameters(again)["finetuned"] == ["old-castle.safetensors"]
+    assert parameters(again)["fingerprints"] == parameters(png)["fingerprints"]
+
+    # A file given beside --from wins, unchecked, and is recorded.
+    (retrained,) = printed_paths(edit_from(workdir, png, tmp_path, "new", "--finetuned", model), str(tmp_path))
+    assert parameters(retrained)["models"][0]["steps"] == 1
+    assert parameters(retrained)["fingerprints"]["finetuned"] != parameters(png)["fingerprints"]["finetuned"]
+
+
+def test_from_works_from_any_folder_and_records_no_absolute_path(workdir, tmp_path):
+    user, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    user.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(os.path.join(workdir, "castle.png"), user / "castle.png")
+    run(workdir, "train.py", "castle.png", PROMPT, "--steps", 1, cwd=str(user))
+    made = run(workdir, "edit.py", "--target", "... in snow", "--height", 64, "--width", 128, "--steps", 2,
+               cwd=str(user))
+    (png,) = printed_paths(made, str(user))
+    with Image.open(png) as image:
+        chunks = image.text
+    for text in chunks.values():
+        assert str(tmp_path) not in text and workdir not in text, "an absolute path in the PNG"
+    assert parameters(png)["base"] == os.path.join("weights", "tiny.safetensors")
+
+    (again,) = printed_paths(edit_from(workdir, png, elsewhere, "again"), str(elsewhere))
+    assert np.array_equal(pixels(again), pixels(png))
+
+
+def test_help_shows_every_default(workdir, monkeypatch):
+    """Every option that takes a value says its default (--target and --from have none), and --help prints them."""
+    import argparse
+    import edit
+    import export
+    import train
+
+    class Parser(Exception):
+        """Carries the parser a CLI built out of its parse_args."""
+
+    def capture(parser, *args, **kwargs):
+        raise Parser(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for module in (train, edit, export):
+        with pytest.raises(Parser) as caught:
+            module.parse_args([])
+        parser = caught.value.args[0]
+        for action in parser._actions:
+            if action.option_strings and action.nargs != 0 and action.dest not in ("help", "target", "from_png"):
+                shown = parser._get_formatter()._get_help_string(action)
+                assert "default" in shown, f"{module.__name__} {action.option_strings[0]}: {shown!r}"
+    monkeypatch.undo()
+    for script, default in [("edit.py", "400"), ("edit.py", "0.7"), ("edit.py", "7.5"), ("edit.py", "50"),
+                            ("train.py", "1e-06"), ("train.py", "0")]:
+        assert f"(default: {default})" in " ".join(run(workdir, script, "--help").stdout.split()), (script, default)
+
+
+def test_grid_labels_sit_above_the_images(sweep):
+    """Each cell of the grid is its image, whole, under a band that holds the label."""
+    (grid,) = sweep["grids"]
+    cells = pixels(grid)
+    for (row, (K, v)) in enumerate([(400, 0.5), (400, 1.0), (900, 0.5), (900, 1.0)]):
+        r, c = divmod(row, 2)
+        single = pixels(sweep["singles"][K, v])
+        h, w = single.shape[:2]
+        top = r * (LABEL_HEIGHT + h)
+        assert np.array_equal(cells[top + LABEL_HEIGHT:top + LABEL_HEIGHT + h, c * w:(c + 1) * w], single)
+        band = cells[top:top + LABEL_HEIGHT, c * w:(c + 1) * w]
+        assert (band < 128).any() and (band == 255).mean() > 0.5, "the band holds dark text on white"
+
+
+def test_gitignore_covers_what_the_commands_write(tmp_path):
+    written = ["outputs/00000-seed0-K400-v0.7.png", "finetuned/cat.safetensors", "finetuned/cat.resume.safetensors",
+               "finetuned/cat.loss.csv", "finetuned/cat.preview-000100.png", "exported/cat.safetensors",
+               "pictures/crops.jpg", "replication/seed-1/results.json", "weights/v1-5-pruned-emaonly.safetensors"]
+    result = subprocess.run(["git", "-C", REPO, "check-ignore", "--no-index", *written], capture_output=True, text=True)
+    assert result.stdout.split() == written, f"not ignored: {sorted(set(written) - set(result.stdout.split()))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching a run: the loss log, previews, the blow-up warning
+
+def loss_log(path):
+    with open(path) as f:
+        header, *rows = [line.strip().split(",") for line in f if line.strip()]
+    assert header == ["step", "t", "loss", "seconds"]
+    return rows
+
+
+def test_loss_log_and_previews_beside_out_and_previews_change_no_weight(workdir, tmp_path):
+    watched = run(workdir, "train.py", "castle.png", PROMPT, "--steps", 3, "--preview-every", 2,
+                  "--out", tmp_path / "watched" / "castle.safetensors")
+    assert "smaller than the 512-pixel crops" in watched.stderr and "upscaled" in watched.stderr
+    run(workdir, "train.py", "castle.png", PROMPT, "--steps", 3, "--out", tmp_path / "plain" / "castle.safetensors")
+
+    rows = loss_log(tmp_path / "watched" / "castle.loss.csv")
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
+    assert rows[0][1] == "" and float(rows[0][2]) > 0, "step 0: the base model's loss"
+    for step, t, loss, seconds in rows[1:]:
+        assert 0 <= int(t) < 1000 and float(loss) > 0 and float(seconds) > 0
+    previews = sorted(n for n in os.listdir(tmp_path / "watched") if n.endswith(".png"))
+    assert previews == ["castle.preview-000002.png", "castle.preview-000003.png"], "every 2 steps and at the end"
+    height, width = expected_default_size(SOURCE_SIZE)
+    for name in previews:
+        with Image.open(tmp_path / "watched" / name) as image:
+            assert image.size == (width, height + LABEL_HEIGHT)
+    first, last = (pixels(tmp_path / "watched" / name) for name in previews)
+    assert not np.array_equal(first[:LABEL_HEIGHT], last[:LABEL_HEIGHT]), "labelled with the step"
+
+    with safe_open(tmp_path / "watched" / "castle.safetensors", framework="pt") as a, \
+            safe_open(tmp_path / "plain" / "castle.safetensors", framework="pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), "a preview changed the training"
+
+
+TOY_BASE = os.path.join(REPO, "weights", "toy-base.safetensors")
+TOY_PROMPT = "a plain red [*] on a yellow background"
+
+
+@pytest.fixture(scope="session")
+def toy_scene(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    subprocess.run([sys.executable, "-m", "toy.world", str(folder / "scene.png"), "--seed", "7", "--width", "128"],
+                   cwd=REPO, check=True, capture_output=True)
+    return folder
+
+
+def test_edit_and_export_take_the_base_that_a_toy_model_records(toy_scene, tmp_path):
+    """The program as cloned (REPO): no --base after train.py; the toy base is found in weights/ by fingerprint."""
+    model = tmp_path / "finetuned" / "scene.safetensors"
+    run(REPO, "train.py", toy_scene / "scene.png", TOY_PROMPT, "--base", TOY_BASE, "--steps", 2, "--out", model,
+        cwd=str(tmp_path))
+    edited = run(REPO, "edit.py", "--target", "a striped red circle on a yellow background", "--finetuned", model,
+                 "--steps", 2, cwd=str(tmp_path))
+    (png,) = printed_paths(edited, str(tmp_path))
+    assert parameters(png)["base"] == os.path.join("weights", "toy-base.safetensors")
+    exported = run(REPO, "export.py", model, "--out", tmp_path / "exported.safetensors", cwd=str(tmp_path))
+    assert printed_paths(exported, str(tmp_path)) == [str(tmp_path / "exported.safetensors")]
+
+
+def test_a_blowing_up_loss_warns_once_and_the_run_goes_on(toy_scene, tmp_path):
+    """At lr 0.03 AdamW's first steps, which move every weight by about lr, wreck the toy base."""
+    out = tmp_path / "hot.safetensors"
+    result = run(REPO, "train.py", toy_scene / "scene.png", TOY_PROMPT, "--base", TOY_BASE, "--lr", "0.03",
+                 "--steps", 110, "--out", out, "--no-grad-checkpointing", cwd=str(tmp_path))
+    warnings = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--lr 0.03" in warnings[0] and "the base model's" in warnings[0], warnings
+    assert printed_paths(result, str(tmp_path)) == [str(out)]
+    rows = loss_log(tmp_path / "hot.loss.csv")
+    assert len(rows) == 111
+
+
+def test_the_default_lr_never_warns_on_the_tiny_model(workdir, tmp_path):
+    """SD v1's defaults (lr 1e-6) over the 100 steps that the warning's window needs, on a random tiny UNet."""
+    out = tmp_path / "calm.safetensors"
+    result = run(workdir, "train.py", "castle.png", PROMPT, "--steps", 100, "--out", out)
+    assert "warning: the loss" not in result.stderr
+    assert len(loss_log(tmp_path / "calm.loss.csv")) == 101

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import figures
+from edit import LABEL_HEIGHT
 import sine
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -40,15 +41,15 @@ def test_the_committed_pictures_are_the_ones_figures_py_draws(drawn):
 def test_the_top_row_varies_along_x_only_and_the_bottom_row_along_y_only(drawn):
     """What sine.position_map's docstring says of its two halves, seen in the picture."""
     picture = pixels(drawn[0] / "position-map.png")[..., 0]
-    tile = figures.TILE
-    below_labels = slice(20, tile)  # each tile's label covers its top rows
+    tile, band = figures.TILE, LABEL_HEIGHT  # each row of tiles has its labels in a band above it
     for col in range(5):
-        x_tile = picture[:tile, col * tile:(col + 1) * tile]
-        y_tile = picture[tile:, col * tile:(col + 1) * tile]
-        assert (x_tile[below_labels] == x_tile[-1]).all()           # constant down every column
-        assert (y_tile[below_labels] == y_tile[below_labels, :1]).all()  # constant along every row
-        assert x_tile[-1].max() - x_tile[-1].min() > 200             # and it does vary
-        assert (x_tile[-1, below_labels] == y_tile[below_labels, 0]).all()  # the same sinusoid, turned
+        x_tile = picture[band:band + tile, col * tile:(col + 1) * tile]
+        y_tile = picture[2 * band + tile:, col * tile:(col + 1) * tile]
+        assert x_tile.shape == y_tile.shape == (tile, tile)
+        assert (x_tile == x_tile[-1]).all()              # constant down every column
+        assert (y_tile == y_tile[:, :1]).all()           # constant along every row
+        assert x_tile[-1].max() - x_tile[-1].min() > 200  # and it does vary
+        assert (x_tile[-1] == y_tile[:, 0]).all()        # the same sinusoid, turned
 
 
 def test_each_crop_is_cut_from_its_box_and_brings_the_map_of_its_box():
@@ -58,7 +59,8 @@ def test_each_crop_is_cut_from_its_box_and_brings_the_map_of_its_box():
     assert len(crop_boxes) == 4 and len({tuple(b) for b in crop_boxes}) == 4
     tile = figures.TILE
     for col, (y0, x0, y1, x1) in enumerate(crop_boxes):
-        crop_map = np.asarray(picture.crop((col * tile, 3 * tile, (col + 1) * tile, 4 * tile)), dtype=np.int16)
+        bottom = picture.height  # the maps' row is the last, under its label band
+        crop_map = np.asarray(picture.crop((col * tile, bottom - tile, (col + 1) * tile, bottom)), dtype=np.int16)
         whole_map = np.asarray(figures.as_colour(full_map).resize((sine.SD_V1.grid, sine.SD_V1.grid)), dtype=np.int16)
         # the crop's map at its bottom-right corner has the whole map's colour at the box's corner
         assert np.abs(crop_map[-1, -1, :2] - whole_map[y1 - 1, x1 - 1, :2]).max() <= 3

@@ -259,6 +259,23 @@ def finetuned_copy(name):
     return make
 
 
+def truncated_finetuned(path, root):
+    data = Path(root, "finetuned.safetensors").read_bytes()
+    Path(path).write_bytes(data[:len(data) // 2])
+
+
+def resume_state(step, planned, truncated=False):
+    """A resume state as train.py writes it (its metadata; an RNG state stands in for the weights)."""
+    def make(path, root):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({"rng": torch.Generator().get_state()}, path,
+                  metadata={"step": str(step), "planned_steps": str(planned), "run": "{}"})
+        if truncated:
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[:len(data) - 100])
+    return make
+
+
 def text_file(path, root):
     Path(path).write_text("not a photo\n")
 
@@ -363,6 +380,15 @@ ROWS = [
               words=["results", "folder", "--out"], inputs={"results/keep.txt": text_file}),
     train_row("train-resume-without-state", "photo.png", PROMPT, "--resume",
               words=["--resume", "photo.resume.safetensors", "--save-every"]),
+    train_row("train-out-is-an-unfinished-run", "photo.png", PROMPT,
+              words=[os.path.join("finetuned", "photo.safetensors"), "unfinished run", "step 5 of 1000", "--overwrite",
+                     "deletes its resume state", "continue it with: python train.py photo.png", "--resume"],
+              inputs={"finetuned/photo.safetensors": finetuned_copy("photo"),
+                      "finetuned/photo.resume.safetensors": resume_state(5, 1000)}),
+    train_row("train-resume-state-truncated", "photo.png", PROMPT, "--resume",
+              words=["photo.resume.safetensors", "truncated", "resume state", "--overwrite"],
+              inputs={"finetuned/photo.safetensors": finetuned_copy("photo"),
+                      "finetuned/photo.resume.safetensors": resume_state(5, 1000, truncated=True)}),
     train_row("train-seed-too-large", "photo.png", PROMPT, "--seed", "99999999999999999999",
               words=["--seed", "18446744073709551615", "got 99999999999999999999"]),
     train_row("train-device-gpu", "photo.png", PROMPT, "--device", "gpu", words=["--device gpu", "cuda", "cpu"]),
@@ -381,6 +407,10 @@ ROWS = [
     edit_row("finetuned-is-a-resume-state", words=["castle.resume.safetensors", "resume state", "castle.safetensors"],
              inputs={"castle.resume.safetensors": finetuned_copy("resume")}, finetuned="castle.resume.safetensors"),
     edit_row("finetuned-missing", words=["nope.safetensors", "no such file"], finetuned="nope.safetensors"),
+    edit_row("finetuned-truncated", words=["cut.safetensors", "truncated", "train.py wrote it", "fine-tune again"],
+             inputs={"cut.safetensors": truncated_finetuned}, finetuned="cut.safetensors"),
+    edit_row("finetuned-base-not-in-weights", words=["{other_finetuned}", "fine-tuned from other-base.safetensors",
+                                                     "not in weights/", "--base"], finetuned="{other_finetuned}"),
     edit_row("edit-base-pickle-renamed", words=["sd.safetensors", *PICKLED], inputs={"sd.safetensors": pickle_p4},
              base="sd.safetensors"),
     edit_row("edit-base-sd2", words=["sd2.safetensors", "SD 2", NOT_V1], inputs={"sd2.safetensors": SD2},
@@ -406,18 +436,22 @@ ROWS = [
     edit_row("edit-device-mps", words=["--device mps", "Apple", "cpu"], device="mps"),
     edit_row("edit-out-names-a-png", words=["--out result.png", "names a file", "folder"], out="result.png"),
     edit_row("edit-out-is-a-file", words=["--out notes", "names a file"], inputs={"notes": text_file}, out="notes"),
-    edit_row("finetuned-prompt-without-identifier", "--finetuned-prompt", "a castle", words=["[*]", "identifier"]),
+    edit_row("finetuned-prompt-without-identifier", "--finetuned-prompt", "a castle",
+             words=["--finetuned-prompt 'a castle'", "[*]", "identifier"]),
     edit_row("finetuned-prompts-too-many", "--finetuned-prompt", "a [*] castle", "a [*] tower",
              words=["--finetuned-prompt", "one prompt per --finetuned file"]),
     edit_row("target-with-identifier", words=["--target", "[*]", "pre-trained model", "..."],
              target="a [*] castle in snow"),
+    edit_row("negative-with-identifier", words=["--negative", "[*]", "pre-trained model"], negative="a [*] blob"),
+    edit_row("edit-seed-minus-2", words=["--seed", "or -1 for a random one", "got -2"], seed="-2"),
 ]
 
 
 def fill(text, root):
     return text.format(root=root, base=os.path.join(root, "weights", "tiny.safetensors"),
                        finetuned=os.path.join(root, "finetuned.safetensors"),
-                       other_base=os.path.join(root, "other-base.safetensors"))
+                       other_base=os.path.join(root, "other-base.safetensors"),
+                       other_finetuned=os.path.join(root, "other-finetuned.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,9 +472,9 @@ def root(tmp_path_factory):
     base = str(root / "weights" / "tiny.safetensors")
     write_checkpoint(base, TINY, seed=0)
     write_checkpoint(str(root / "other-base.safetensors"), TINY, seed=1)
-    sd = load_sd(base)
-    sine.save_finetuned(str(root / "finetuned.safetensors"), sd, base, {
-        "prompt": PROMPT, "position_map": True, "source_size": f"{W}x{H}", "steps": 0, "seed": 0, "lr": 1e-6})
+    for name, made_from in (("finetuned", base), ("other-finetuned", str(root / "other-base.safetensors"))):
+        sine.save_finetuned(str(root / f"{name}.safetensors"), load_sd(made_from), made_from, {
+            "prompt": PROMPT, "position_map": True, "source_size": f"{W}x{H}", "steps": 0, "seed": 0, "lr": 1e-6})
     return str(root)
 
 
@@ -486,7 +520,7 @@ def booby_trapped(monkeypatch, root):
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", trap)
     monkeypatch.setattr(sine, "training_step", trap)
     monkeypatch.setattr(sine, "edit", trap)
-    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # load_image changes it
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # train.main must not take over pytest's Ctrl-C
 
@@ -504,7 +538,8 @@ def test_table(row, table, root, booby_trapped, monkeypatch, capsys):
         assert result.returncode == 0, f"{row.id}: the photo was refused:\n{result.stderr[-2000:]}"
         out = os.path.join("finetuned", os.path.splitext(args[0])[0] + ".safetensors")
         assert result.stdout.strip() == out
-        assert set(changes(before, after)) == {"finetuned" + os.sep, out}, changes(before, after)
+        log = os.path.splitext(out)[0] + ".loss.csv"
+        assert set(changes(before, after)) == {"finetuned" + os.sep, out, log}, changes(before, after)
         _, metadata = load_tensors(os.path.join(folder, out))
         assert metadata["source_size"] == "{}x{}".format(*row.accepted), "EXIF rotation not applied?"
         # In-process: the photo passes every check and the program goes on to load the weights.
@@ -529,6 +564,13 @@ def test_table(row, table, root, booby_trapped, monkeypatch, capsys):
     assert exit_message(exit_info) == line
     assert capsys.readouterr().err == "", "nothing else is printed"
     assert not changes(before, snapshot(folder))
+
+
+def test_damaged_files_that_train_py_wrote_are_not_called_downloads(table):
+    """A truncated base is downloaded again; a fine-tuned file or resume state is made again."""
+    for row_id in ("finetuned-truncated", "train-resume-state-truncated"):
+        line = error_line(table["results"][row_id].stderr)
+        assert "Download" not in line and "truncated" in line, line
 
 
 def test_table_left_shared_files_alone(table):
@@ -701,6 +743,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(root, tmp_path):
     assert any(not torch.equal(final[k], step1[k]) for k in final), "the resumed run did not train"
     assert any(final[k].abs().max() > 0 for k in final), "no weight moved"
 
+    # The loss log goes on where the resumed step left off: each step once, the same losses as the reference's.
+    logs = [Path(tmp_path, folder, "castle.loss.csv").read_text().splitlines() for folder in ("killed", "ref")]
+    assert [line.split(",")[0] for line in logs[0]] == ["step", "0", "1", "2"]
+    assert [line.split(",")[:3] for line in logs[0]] == [line.split(",")[:3] for line in logs[1]]
+
 
 def start_training(root, cwd, out, *extra, steps, wait_for=None):
     """Start train.py; return (process, stderr file) once it trains (or once wait_for exists)."""
@@ -762,6 +809,37 @@ def test_interrupted_run_saves_exits_nonzero_and_says_how_to_resume(root, tmp_pa
     _, metadata = load_tensors(str(out))
     assert metadata["steps"] == metadata["planned_steps"] == "3"
     assert not (tmp_path / "ft" / "castle.resume.safetensors").exists()
+
+
+def test_an_unfinished_run_is_never_replaced_without_a_word(root, tmp_path):
+    """The same command again is refused with the --resume command; --overwrite starts over and says
+    in one line that it deletes the unfinished run's resume state."""
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd, state = str(tmp_path), tmp_path / "ft" / "castle.resume.safetensors"
+    process, log = start_training(root, cwd, "ft/castle.safetensors", "--save-every", "1", steps=50,
+                                  wait_for=str(state))
+    process.send_signal(signal.SIGTERM)
+    finish(process, log)
+    assert process.returncode == 143
+    done = load_tensors(str(state))[1]["step"]
+
+    command = train_command(root, "ft/castle.safetensors", "--save-every", "1", steps=50)
+    before = snapshot(cwd)
+    again = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    line = error_line(again.stderr)
+    assert again.returncode != 0 and not changes(before, snapshot(cwd))
+    assert f"unfinished run (saved at step {done} of 50)" in line and "--overwrite" in line, line
+    offered = shlex.split(line.split("continue it with: ", 1)[1])
+    assert offered[2:] == command[2:] + ["--resume"], "the command as given, plus --resume"
+
+    over = subprocess.run(train_command(root, "ft/castle.safetensors", "--overwrite", steps=2), cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert over.returncode == 0, over.stderr[-2000:]
+    said = [l for l in over.stderr.replace("\r", "\n").splitlines() if "resume state" in l]
+    assert said == [f"--overwrite: starting over; deleted the resume state of the unfinished run (it was at step "
+                    f"{done} of 50)"]
+    assert not state.exists()
+    assert load_tensors(str(tmp_path / "ft" / "castle.safetensors"))[1]["steps"] == "2"
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(root, tmp_path):
@@ -872,7 +950,7 @@ def test_resume_refuses_changed_arguments_and_a_smaller_plan(root, tmp_path):
 @pytest.fixture
 def tiny_training(root, monkeypatch, tmp_path):
     """What train.save needs, in-process: the tiny model, its optimizer and generator."""
-    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     base = os.path.join(root, "weights", "tiny.safetensors")
     sd = load_sd(base)
     for module in sine.trainable_parts(sd).values():
@@ -908,7 +986,7 @@ def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tm
         monkeypatch.setattr(train, "save_file", half_then_full)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        train.save(args, sd, optimizers, generator, 7, Image.fromarray(photo_array()), resumable=True)
+        train.save(args, sd, optimizers, generator, 7, Image.fromarray(photo_array()), resumable=True, loss_before=0.1)
     line = exit_message(exit_info)
     assert capsys.readouterr().err == ""
     assert "No space left on device" in line and args.out in line and "intact" in line, line
@@ -997,7 +1075,7 @@ def test_disk_really_full_and_read_only(root, tmp_path, tmpfs):
     last = result.stderr.strip().splitlines()[-1]  # splitlines also splits at the bar's "\r"
     assert last.startswith("error:") and "could not save step 1" in last, last
     assert "No space left on device" in last and "intact" in last, last
-    assert not changes(before, snapshot(str(disk)))
+    assert set(changes(before, snapshot(str(disk)))) == {"castle.loss.csv"}, "the earlier save changed"
 
     # edit.py: a PNG written earlier, and no room left.
     disk = tmpfs("pngs", "64k")
@@ -1060,7 +1138,7 @@ def oom(*args, **kwargs):
 def test_out_of_memory_while_training(root, tmp_path, monkeypatch, capsys, checkpointing, hint):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     monkeypatch.setattr(signal, "signal", lambda *a: None)
     monkeypatch.setattr(sine, "training_step", oom)
     capsys.readouterr()
@@ -1074,7 +1152,7 @@ def test_out_of_memory_while_training(root, tmp_path, monkeypatch, capsys, check
 
 def test_out_of_memory_while_sampling(root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     monkeypatch.setattr(sine, "edit", oom)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -1122,14 +1200,17 @@ def test_diverging_run_stops_and_keeps_the_last_good_save(root, tmp_path, option
     assert result.returncode != 0 and result.stdout == ""
     assert line.startswith("error: training diverged") and when in line and "--lr" in line, line
     assert "last good save, ft/castle.safetensors, is kept" in line, line
-    assert not changes(before, snapshot(cwd)), "the earlier save changed, or a file was added"
+    # Only the loss log changed: it records the run that diverged, up to its last finite loss.
+    assert set(changes(before, snapshot(cwd))) == {os.path.join("ft", "castle.loss.csv")}, "the earlier save changed"
+    steps = [row.split(",")[0] for row in (tmp_path / "ft" / "castle.loss.csv").read_text().splitlines()]
+    assert steps[:3] == ["step", "0", "1"] and len(steps) < 2 + 4
 
-    # With nothing saved before, nothing is written at all.
+    # With nothing saved before, no weights are written at all.
     result = run(root, "train.py", "photo.png", PROMPT, "--steps", "4", "--lr", "1e12", "--out",
                  "fresh/castle.safetensors", *options, cwd=cwd)
     line = last_line(result.stderr)
     assert result.returncode != 0 and "nothing was saved" in line, line
-    assert not [files for _, _, files in os.walk(tmp_path / "fresh") if files]
+    assert [files for _, _, files in os.walk(tmp_path / "fresh") if files] == [["castle.loss.csv"]]
     all_finite(cwd)
 
 
@@ -1263,7 +1344,7 @@ def test_the_finetuned_model_samples_with_the_prompt_it_is_given(root, tmp_path,
     """Content removal (Sec. 4.4): the fine-tuned model is asked for "a [*] castle", not its training
     prompt; the guide's context is that prompt's encoding, and the PNG records it."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "WEIGHTS_DIR", os.path.join(root, "weights"))
+    monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     contexts = []
     real_guide = sine.Guide
     monkeypatch.setattr(sine, "Guide", lambda unet, context, *a, **k: contexts.append(context) or
@@ -1290,13 +1371,15 @@ def test_steps_strip_shows_every_step_and_marks_the_guided_ones(root, tmp_path):
     image_path, strip_path = result.stdout.split()
     image_name, strip_name = os.path.basename(image_path), os.path.basename(strip_path)
     assert strip_name[len("00001-"):] == image_name[len("00000-"):-len(".png")] + "-steps.png"  # the next number
+    band = edit.LABEL_HEIGHT  # each row of cells has its labels in a band above it
     with Image.open(tmp_path / strip_path) as strip:
-        assert strip.size == (10 * 128, 2 * 64)  # 12 steps, 10 a row
+        assert strip.size == (10 * 128, 2 * (band + 64))  # 12 steps, 10 a row
     from model.ddim import ddim_timesteps
     guided = sum(t > 500 for t in ddim_timesteps(12).tolist())
     assert 0 < guided < 12
-    # the labels: the cells of guided steps carry a longer black label box than the others
+    # the labels: those of guided steps are longer ("t=917 guided"), so their text reaches further right
     pixels = np.asarray(Image.open(tmp_path / strip_path).convert("L"))
-    label_width = [int((pixels[r * 64 + 8, c * 128:(c + 1) * 128] == 0).sum()) for r, c in
-                   (divmod(i, 10) for i in range(12))]
+    bands = [pixels[r * (band + 64):r * (band + 64) + band, c * 128:(c + 1) * 128] for r, c in
+             (divmod(i, 10) for i in range(12))]
+    label_width = [int(np.flatnonzero((cell < 128).any(axis=0)).max()) for cell in bands]
     assert sum(w > min(label_width) + 30 for w in label_width) == guided

@@ -47,6 +47,7 @@ def run(command, cwd, tmp):
     result = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, env=ENV, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, f"README command failed ({result.returncode}): {command}\n{result.stderr[-3000:]}"
+    assert "warning: the loss" not in result.stderr, f"{command}: the loss blew up at the lr the README gives"
     printed = [line for line in result.stdout.splitlines() if line.strip()]
     assert printed, f"{command} printed no path"
     for path in printed:

@@ -110,12 +110,13 @@ def test_toy_base_is_committed_small_and_loads_like_any_checkpoint():
 def test_toy_base_is_not_taken_for_the_sd_v1_file(tmp_path, monkeypatch):
     """weights/ holds the toy base beside the SD v1 file a user downloads: the default is the latter."""
     import cli
-    monkeypatch.setattr(cli, "WEIGHTS_DIR", str(tmp_path))
-    (tmp_path / "toy-base.safetensors").write_bytes(open(BASE, "rb").read())
+    monkeypatch.setattr(cli, "PROGRAM_DIR", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "toy-base.safetensors").write_bytes(open(BASE, "rb").read())
     with pytest.raises(ValueError, match="no SD v1 .safetensors file.*toy-base"):
         cli.find_base()
-    (tmp_path / "v1-5.safetensors").write_bytes(b"")
-    assert cli.find_base() == str(tmp_path / "v1-5.safetensors")
+    (tmp_path / "weights" / "v1-5.safetensors").write_bytes(b"")
+    assert cli.find_base() == str(tmp_path / "weights" / "v1-5.safetensors")
 
 
 def test_the_identifier_takes_the_shapes_place_so_the_base_still_reads_the_caption():
@@ -156,7 +157,7 @@ SEED_SPREAD = {"effect 1, fidelity": 0.114, "effect 2, fidelity": 0.127, "effect
 SCENE = 2
 
 
-def test_a_reduced_replication_shows_effects_1_and_2(tmp_path):
+def test_a_reduced_replication_shows_effects_1_and_2(tmp_path, capsys):
     """At 2:1 the patch model keeps the shape where the source has it better than the --no-patch
     model (effect 1). At 1:1, guiding the pre-trained model with a --no-patch model (Eq. 3) keeps
     more of the layout than the pre-trained model alone, and makes more of the edit than the
@@ -164,6 +165,7 @@ def test_a_reduced_replication_shows_effects_1_and_2(tmp_path):
     from toy import replicate
     replicate.main(["--seed", str(SCENE), "--steps", "600", "--lr", "2e-4", "--guidance-steps", "400",
                     "--samples", "3", "--no-sweeps", "--out", str(tmp_path)])
+    assert "warning: the loss" not in capsys.readouterr().err, "the loss blew up at the toy's lr"
     with open(tmp_path / "results.json") as f:
         effect1, effect2 = json.load(f)["results"][0]["effects"].values()
     assert effect1["fidelity, patch"] - effect1["fidelity, no-patch"] > SEED_SPREAD["effect 1, fidelity"]

@@ -98,8 +98,8 @@ def test_training_step_trains_on_the_authors_loss(base_path):
             position = sine.crop_position_map(full_map, crop_box, z0.shape[-2:]) if patch else None
             mse, recon = authors_loss(sd.unet, z0, sd.text_encoder(ids), t, noise, position)
         expected = mse + recon if patch else mse
-        loss = sine.training_step(sd, canvas(), ids, patch, torch.Generator().manual_seed(7), alphas_cumprod(),
-                                  full_map if patch else None)
+        loss, _ = sine.training_step(sd, canvas(), ids, patch, torch.Generator().manual_seed(7), alphas_cumprod(),
+                                     full_map if patch else None)
         assert loss == pytest.approx(expected.item(), rel=2e-5), f"patch={patch}"
 
 
@@ -133,14 +133,15 @@ def test_adamw_in_backward_is_bitwise_torch_adamw(base_path, fused, checkpointin
     for p in trainable(ours):
         p.register_post_accumulate_grad_hook(count)
     g = torch.Generator().manual_seed(0)
-    our_losses = [sine.training_step(ours, canvas(), ids, True, g, alphas_cumprod(), full_map) for _ in range(steps)]
+    our_losses = [sine.training_step(ours, canvas(), ids, True, g, alphas_cumprod(), full_map)[0]
+                  for _ in range(steps)]
 
     reference = trainable_model(base_path, checkpointing)
     optimizer = torch.optim.AdamW(trainable(reference), lr=lr, weight_decay=0.01, foreach=False, fused=fused)
     g = torch.Generator().manual_seed(0)
     reference_losses = []
     for _ in range(steps):  # with no hooks, training_step's backward leaves the gradients in .grad
-        reference_losses.append(sine.training_step(reference, canvas(), ids, True, g, alphas_cumprod(), full_map))
+        reference_losses.append(sine.training_step(reference, canvas(), ids, True, g, alphas_cumprod(), full_map)[0])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

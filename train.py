@@ -7,37 +7,47 @@ edit.py needs (prompt, position map on or off, image size, which base). `--no-pa
 paper's whole-image ablation: 800 steps, no position map.
 """
 import argparse
+import csv
 import hashlib
 import json
 import os
 import shlex
 import signal
+import statistics
 import sys
+import time
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
+import edit
 import sine
-from model import load_sd, read_header
-from model.loader import atomic_path, fingerprint, iter_tensors
-from model.schedule import alphas_cumprod
+from model import LATENT_SCALE, load_sd, read_header
+from model.ddim import sample, text_to_image_eps
+from model.loader import CheckpointError, atomic_path, fingerprint, iter_tensors
+from model.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SINE patch-based fine-tuning on one image.")
+    p = argparse.ArgumentParser(description="SINE patch-based fine-tuning on one image.",
+                                formatter_class=cli.HelpWithDefaults)
     p.add_argument("image", help="the photo to learn")
     p.add_argument("prompt", help='describes the photo, with [*] before the class: "a photo of a [*] castle"')
     p.add_argument("--no-patch", action="store_true", help="whole-image ablation: no crops, no position map")
-    p.add_argument("--base", help="SD v1 .safetensors (default: the one file in weights/)")
+    p.add_argument("--base", help="SD v1 .safetensors (default: the one SD v1 file in weights/)")
     p.add_argument("--out", help="fine-tuned file to write (default: finetuned/<image name>.safetensors)")
     p.add_argument("--steps", type=int, help="default 10000 with patches, 800 with --no-patch; "
                                              "with --resume, the run's own (a larger number extends it)")
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW's learning rate (the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="draws the crops, timesteps and noise")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="every N steps save the weights and a resume state (0: only at the end)")
+    p.add_argument("--preview-every", type=int, default=0, metavar="N",
+                   help="every N steps and at the end, save a PNG beside --out of what the model draws alone "
+                        "from its training prompt (seed 0, 25 DDIM steps, the photo's aspect); each costs about "
+                        "as much as 10 training steps on the toy base, 15 at SD v1's size (0: no previews)")
     p.add_argument("--resume", action="store_true", help="continue from the resume state saved beside --out")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -48,6 +58,7 @@ def parse_args(argv=None):
                         "(default: on with a GPU of compute capability 8.0 or newer, off elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first step is slow)")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # for the --resume command we offer
     args.patch = not args.no_patch
     base_name = os.path.splitext(os.path.basename(args.image))[0]
     args.out = args.out or os.path.join(cli.FINETUNED_DIR, base_name + ("" if args.patch else "-nopatch") + ".safetensors")
@@ -67,8 +78,9 @@ def check_args(args):
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
     if not 0 < args.lr < float("inf"):  # also refuses nan
         raise ValueError(f"--lr must be a positive number (got {args.lr})")
-    if args.save_every < 0:
-        raise ValueError(f"--save-every must be 0 or more (got {args.save_every})")
+    for flag, value in (("--save-every", args.save_every), ("--preview-every", args.preview_every)):
+        if value < 0:
+            raise ValueError(f"{flag} must be 0 or more (got {value})")
     cli.check_seed(args.seed)
     sine.training_prompt(args.prompt)
     if args.resume and not os.path.exists(resume_path(args.out)):
@@ -78,9 +90,24 @@ def check_args(args):
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a folder: give a file name, "
                          f"e.g. {os.path.join(args.out, 'castle.safetensors')}")
+    args.unfinished = unfinished(args.out)
+    if args.unfinished and not (args.overwrite or args.resume):
+        raise ValueError(f"{args.out} is an unfinished run (saved at {args.unfinished}): pass --overwrite to start "
+                         f"over, which deletes its resume state, or continue it with: {resume_command(args.argv)}")
     if os.path.exists(args.out) and not (args.overwrite or args.resume):
         raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or choose another --out")
     cli.check_writable_folder(args.out)
+
+
+def unfinished(out):
+    """'step 5 of 1000' if a resume state lies beside out, else None."""
+    if not os.path.exists(resume_path(out)):
+        return None
+    try:
+        metadata = read_header(resume_path(out)).get("__metadata__") or {}
+    except CheckpointError:  # damaged: --overwrite must still be able to start over
+        metadata = {}
+    return f"step {metadata.get('step', '?')} of {metadata.get('planned_steps', '?')}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,16 +147,18 @@ def check_resume(args, image):
 # ---------------------------------------------------------------------------------------------
 # Saving: the fine-tuned file (small, for edit.py) and a resume state (exact, for --resume)
 
-def save(args, sd, optimizers, generator, step, image, resumable):
+def save(args, sd, optimizers, generator, step, image, resumable, loss_before):
     sizes = sine.sizes_for(sd.config)
+    run = run_identity(args, image)
     try:
         sine.save_finetuned(args.out, sd, args.base, {
             "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image.width}x{image.height}",
-            "canvas": sizes.canvas, "crop": sizes.crop,
+            "photo": run["photo"], "canvas": sizes.canvas, "crop": sizes.crop,
             "steps": step, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr})
         if resumable:  # written last: a resume state on disk means its save completed
             save_resume_state(resume_path(args.out), sd, optimizers, generator, {
-                "step": str(step), "planned_steps": str(args.steps), "run": json.dumps(run_identity(args, image))})
+                "step": str(step), "planned_steps": str(args.steps), "run": json.dumps(run),
+                "base_loss": repr(loss_before)})
     except OSError as e:
         cli.fail(f"could not save step {step} to {args.out} ({e.strerror or e}); files saved earlier are intact")
     except sine.NonFiniteWeights as e:
@@ -159,7 +188,8 @@ def save_resume_state(path, sd, optimizers, generator, metadata):
 
 
 def load_resume_state(path, sd, optimizers, generator):
-    """The saved run's weights, AdamW state and RNG, read one tensor at a time (no memory-mapped file)."""
+    """The saved run's weights, AdamW state and RNG, read one tensor at a time (no memory-mapped file);
+    returns (step, the base's loss that the blow-up warning measures against)."""
     header = read_header(path)
     params = dict(trainable_parameters(sd))
     numbered = list(params.values())
@@ -173,13 +203,111 @@ def load_resume_state(path, sd, optimizers, generator):
             else:  # exp_avg.i, exp_avg_sq.i, step.i: AdamW's state of parameter i
                 param = numbered[int(name)]  # fused AdamW (train.py's) keeps even its step count on the device
                 optimizers[param].state[param][kind] = tensor.to(param.device)
-    return int(header["__metadata__"]["step"])
+    return int(header["__metadata__"]["step"]), float(header["__metadata__"].get("base_loss", "nan"))
 
 
 def trainable_parameters(sd):
     for part, module in sine.trainable_parts(sd).items():
         for name, param in module.named_parameters():
             yield f"{part}.{name}", param
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching a run: every step's loss in a CSV file, previews, and a warning if the loss blows up
+
+def log_path(out):
+    return os.path.splitext(out)[0] + ".loss.csv"
+
+
+def preview_path(out, step):
+    return os.path.splitext(out)[0] + f".preview-{step:06d}.png"
+
+
+@torch.no_grad()
+def base_loss(sd, canvas, ids, patch, full_map, alphas, autocast, sizes, n=16):
+    """The model's median loss before any step, on n crops at evenly spaced t: the yardstick of the
+    blow-up warning. Its own random draws, so the run's crops and noise are those of a run without it.
+    (The loss of the first 100 steps would not do: a too high lr wrecks the model in AdamW's first
+    few steps, which move every weight by about lr.)"""
+    generator = torch.Generator().manual_seed(0)
+    context = sd.text_encoder(ids)
+    losses = []
+    for i in range(n):
+        example = sine.sample_example(sd.vae, canvas, patch, generator, full_map, sizes)
+        t = torch.tensor([(2 * i + 1) * NUM_TRAIN_TIMESTEPS // (2 * n)], device=example.z0.device)
+        noise = torch.randn(example.z0.shape, generator=generator).to(example.z0)
+        with autocast or torch.autocast(example.z0.device.type, enabled=False):
+            losses.append(sine.training_loss(sd.unet, example.z0, context, t, noise, alphas, example.position,
+                                             recon_weight=1.0 if patch else 0.0).item())
+    return statistics.median(losses)
+
+
+BLOW_UP = 5      # the median loss of the last WINDOW steps, against the base's, above which we warn
+WINDOW = 100
+
+
+def blown_up(losses, base):
+    """Measured through train.py on the toy base: at the lrs the toy uses (5e-5 to 2e-4) the median of
+    100 steps stayed at 0.3-1.5x the base's loss; at lr 1e-3, still learning, 2-3.8x; at lr 0.03,
+    wrecked, 25-117x. 5x lies between."""
+    return len(losses) >= WINDOW and statistics.median(losses[-WINDOW:]) > BLOW_UP * base
+
+
+@torch.no_grad()
+def preview(sd, prompt, patch, source_size, autocast, steps=25, scale=7.5, seed=0):
+    """What the fine-tuned model draws by itself from its training prompt, at the photo's aspect, with
+    its whole position map: a DreamBooth-style validation image, with SINE's layout."""
+    config, device = sd.config, next(sd.unet.parameters()).device
+    height, width = edit.default_size(source_size, None, None, config.image_size, edit.size_step(config))
+    latent_size = (height // config.vae.factor, width // config.vae.factor)
+    context = sd.text_encoder(sd.tokenizer([sine.training_prompt(prompt), ""]).to(device))  # (2, 77, 768)
+    position = (sine.full_position_map(config.unet.model_channels, latent_size, device, sine.sizes_for(config))
+                if patch else None)
+    noise = torch.randn((1, 4, *latent_size), generator=torch.Generator().manual_seed(seed)).to(device)
+    with autocast or torch.autocast(device.type, enabled=False):
+        latents = sample(text_to_image_eps(sd.unet, context[:1], context[1:], scale, position), noise, steps,
+                         progress=False)
+    return edit.to_pil(sd.vae.decode(latents / LATENT_SCALE).clamp(-1, 1))
+
+
+class Watch:
+    """After each step: a row of the loss log, a preview every --preview-every steps, and one warning
+    line if the loss blows up. The log is written from the first step done on (a run that fails at
+    once leaves nothing); on --resume it keeps its rows up to the resumed step."""
+
+    def __init__(self, args, step, base):
+        self.args, self.base, self.warned, self.file = args, base, False, None
+        self.rows = read_log(log_path(args.out), step) if args.resume else []
+        if not self.rows:  # step 0: the base model's loss, which the warning measures against
+            self.rows = [{"step": 0, "t": "", "loss": f"{base:.6g}", "seconds": ""}]
+        self.losses = [float(row["loss"]) for row in self.rows if str(row["step"]) != "0"]
+
+    def after_step(self, step, t, loss, seconds, sd, image, autocast):
+        if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.args.out)), exist_ok=True)
+            self.file = open(log_path(self.args.out), "w")
+            self.file.write("step,t,loss,seconds\n" + "".join(f"{r['step']},{r['t']},{r['loss']},{r['seconds']}\n"
+                                                             for r in self.rows))
+        self.file.write(f"{step},{t},{loss:.6g},{seconds:.3f}\n")
+        self.file.flush()
+        self.losses.append(loss)
+        if not self.warned and blown_up(self.losses, self.base):
+            self.warned = True
+            tqdm.write(f"warning: the loss has grown from {self.base:.3g} (the base model's) to "
+                       f"{statistics.median(self.losses[-WINDOW:]):.3g} (median of the last {WINDOW} steps): "
+                       f"--lr {self.args.lr:g} is likely too high; the run goes on", file=sys.stderr)
+        if self.args.preview_every and (step % self.args.preview_every == 0 or step == self.args.steps):
+            picture = preview(sd, self.args.prompt, self.args.patch, image.size, autocast)
+            edit.grid_image({(0, 0): (picture, f"step {step}")}, 1, 1).save(preview_path(self.args.out, step))
+
+
+def read_log(path, up_to):
+    """The loss log's rows up to step up_to; rows after it (a run killed after its last save) are dropped."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [row for row in rows if row.get("seconds") is not None and int(row["step"]) <= up_to]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +355,21 @@ def load(args):
     if args.resume:
         check_resume(args, image)
     args.steps = args.steps or (10_000 if args.patch else 800)
-    return image, device, load_sd(args.base, device=device)
+    sd = load_sd(args.base, device=device)
+    crop = sine.sizes_for(sd.config).crop
+    if min(image.size) < crop:
+        cli.say(f"warning: {args.image} is {image.width}x{image.height}, smaller than the {crop}-pixel crops "
+                "that fine-tuning sees: it will be upscaled, and the model learns its blur; use a larger photo "
+                "if there is one")
+    return image, device, sd
+
+
+def start_over(args):
+    """--overwrite on an unfinished run: its resume state goes, said in one line."""
+    if args.unfinished and not args.resume:
+        os.remove(resume_path(args.out))
+        cli.say(f"--overwrite: starting over; deleted the resume state of the unfinished run (it was at "
+                f"{args.unfinished})")
 
 
 def train(args, sd, image, device, stop):
@@ -248,21 +390,29 @@ def train(args, sd, image, device, stop):
     args.bf16 = autocast is not None  # as chosen, for the messages
     cli.say(f"precision: {'bf16 autocast, fp32 weights' if autocast else 'fp32'} on {device}")
     cli.speed_up(sd.unet, compile=args.compile)
-    step = load_resume_state(resume_path(args.out), sd, optimizers, generator) if args.resume else 0
+    if args.resume:
+        step, loss_before = load_resume_state(resume_path(args.out), sd, optimizers, generator)
+    else:
+        start_over(args)
+        step, loss_before = 0, base_loss(sd, canvas, ids, args.patch, full_map, alphas, autocast, sizes)
+    watch = Watch(args, step, loss_before)
 
     with tqdm(total=args.steps, initial=step, desc="fine-tuning") as bar:  # closed before any error prints
         while step < args.steps and not stop.signal:
+            started = time.perf_counter()
             try:
                 with cli.out_of_memory_hint(memory_hint(args.grad_checkpointing)):
-                    loss = sine.training_step(sd, canvas, ids, args.patch, generator, alphas, full_map, autocast, sizes)
+                    loss, t = sine.training_step(sd, canvas, ids, args.patch, generator, alphas, full_map, autocast,
+                                                 sizes)
             except sine.NonFiniteLoss as e:
                 diverged(args, f"the loss became {e} at step {step + 1}")
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            watch.after_step(step, t, loss, time.perf_counter() - started, sd, image, autocast)
             if args.save_every and step % args.save_every == 0 and step < args.steps:
-                save(args, sd, optimizers, generator, step, image, resumable=True)
-    save(args, sd, optimizers, generator, step, image, resumable=step < args.steps)
+                save(args, sd, optimizers, generator, step, image, True, loss_before)
+    save(args, sd, optimizers, generator, step, image, step < args.steps, loss_before)
     return step
 
 

@@ -95,18 +95,19 @@ def sample(eps_fn, z: torch.Tensor, num_steps: int = 50, eta: float = 0.0, gener
     return z
 
 
-def text_to_image_eps(unet, context: torch.Tensor, uncond_context: torch.Tensor, scale: float):
+def text_to_image_eps(unet, context: torch.Tensor, uncond_context: torch.Tensor, scale: float, position=None):
     """eps_fn for plain SD text-to-image: conditional and unconditional predictions from ONE UNet
     call of batch 2B (half the kernel launches of two calls), combined by classifier-free guidance.
 
-    context: [B, 77, 768] prompt embeddings; uncond_context: [B or 1, 77, 768] for the empty prompt.
+    context: [B, 77, 768] prompt embeddings; uncond_context: [B or 1, 77, 768] for the empty prompt;
+    position: SINE's whole position map for a fine-tuned model sampled alone, (1, C, h, w), or None.
     """
     batch = context.shape[0]
     both = torch.cat([context, uncond_context.expand(batch, -1, -1)])  # (2B, 77, 768)
 
     def eps_fn(z: torch.Tensor, t: int) -> torch.Tensor:
         t_batch = torch.full((2 * batch,), t, dtype=torch.long, device=z.device)
-        eps_cond, eps_uncond = unet(torch.cat([z, z]), t_batch, both).chunk(2)
+        eps_cond, eps_uncond = unet(torch.cat([z, z]), t_batch, both, pos=position).float().chunk(2)
         return classifier_free_guidance(eps_uncond, eps_cond, scale)
 
     return eps_fn

@@ -139,8 +139,21 @@ def read_header(path):
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes on disk, {8 + header_len + data_end} "
-                              "expected. Download it again.")
+                              f"expected. {how_to_replace(header.get('__metadata__'))}")
     return header
+
+
+def how_to_replace(metadata):
+    """What to do about a damaged file: the files train.py and export.py wrote are made again, not downloaded."""
+    metadata = metadata or {}
+    if "sine.finetuned" in metadata:
+        return "train.py wrote it: fine-tune again, or use a copy"
+    if "run" in metadata:  # train.py's resume state
+        return ("train.py wrote it as a resume state, so this run cannot continue: start it again with "
+                "--overwrite (the fine-tuned file saved beside it still works)")
+    if "sine.exported_from" in metadata:
+        return "export.py wrote it: export it again"
+    return "Download it again."
 
 
 def fingerprint(path):
@@ -236,7 +249,8 @@ def iter_tensors(path, header, names, device="cpu", dtype=torch.float32):
             raw = torch.empty(end - begin, dtype=torch.uint8)
             f.seek(8 + header_len + begin)
             if f.readinto(raw.numpy()) != end - begin:  # the file shrank since read_header checked it
-                raise CheckpointError(f"{path} is truncated: {key} is incomplete. Download it again.")
+                raise CheckpointError(f"{path} is truncated: {key} is incomplete. "
+                                      f"{how_to_replace(header.get('__metadata__'))}")
             yield name, raw.view(file_dtype).reshape(entry["shape"]).to(device=device, dtype=dtype or file_dtype)
 
 

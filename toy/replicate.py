@@ -57,6 +57,9 @@ def run(script, *args, threads=None):
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f"error: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    for line in result.stderr.replace("\r", "\n").splitlines():  # e.g. train.py's warning of a blown-up loss
+        if line.startswith("warning:"):
+            print(f"{script}: {line}", file=sys.stderr)
     return result.stdout.split()
 
 
