@@ -72,7 +72,7 @@ def parse_args(argv=None):
             settings = outputs.read_settings(args.from_png)
         except ValueError as e:
             cli.fail(e)
-        files = ("base", "finetuned", "fingerprints", "models")  # found by fingerprint in load(), unless given
+        files = ("base", "finetuned", *outputs.FILES)  # found by fingerprint in load(), unless given
         p.set_defaults(**{**{key: value for key, value in settings.items() if key not in files},
                           "target": [settings["target"]]})
         args = p.parse_args(argv)
