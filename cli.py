@@ -233,7 +233,7 @@ def load_image(path, max_pixels=40_000_000):
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed switches (bench.py measures each, test_fastpaths.py checks each)
+# Speed switches (tools/bench.py measures each, tests/test_fastpaths.py checks each)
 
 def cpu_has_native_bf16():
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as Linux's /proc/cpuinfo says."""

@@ -25,6 +25,7 @@ import outputs
 import sine
 from model import LATENT_SCALE, load_sd, read_header
 from model.loader import fingerprint, read_config
+from model.schedule import alphas_cumprod, predict_x0
 from model.vae import use_tiles
 
 
@@ -62,8 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
     p.add_argument("--strip", action="store_true",
-                   help="also save each image's steps: every DDIM step's predicted clean image, guided steps "
-                        "marked (one VAE decode per step)")
+                   help="also save each image's steps: every DDIM step's predicted clean image; under each "
+                        "guided step, what the pre-trained and the fine-tuned model would make of it alone "
+                        "(one VAE decode per picture)")
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the UNets' convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (the first image is slow)")
     args = p.parse_args(argv)
@@ -253,15 +255,46 @@ def grid_image(cells, rows, cols):
     return grid
 
 
-def steps_strip(sd, estimates, guides, columns=10):
-    """estimates: [(t, x0_hat latent)] of one sample -> one image, a cell per DDIM step, noisiest first.
-    "guided" marks the steps on which a fine-tuned model guided (t > its K)."""
+class StepWatch:
+    """sine.edit's two callbacks for --strip: every step's x0_hat, and at guided steps the x0_hat
+    that each model asks for on its own (see sine.sine_eps)."""
+
+    def __init__(self):
+        self.estimates = []  # [(t, x0_hat)], noisiest first
+        self.alone = {}      # t -> [x0_hat of the pre-trained model alone, then of each guide alone or None]
+
+    def callback(self, t, x0_hat):
+        self.estimates.append((t, x0_hat))
+
+    def each_alone(self, z, t, eps_alone):
+        t_batch, alphas = torch.full((1,), t, device=z.device), alphas_cumprod().to(z.device)
+        self.alone[t] = [e if e is None else predict_x0(z, e, t_batch, alphas) for e in eps_alone]
+
+
+def steps_strip(sd, watch, guides, columns=10):
+    """One image of one sample's steps, noisiest first, a cell per DDIM step. "guided" marks the
+    steps on which a fine-tuned model guided (t > its K). Under each guided step, the rows below
+    show what the pre-trained model and each fine-tuned model would make of it alone (Eq. 3 with all
+    the weight on one model); the guided cell is their mix: v times the first, 1 - v the second."""
+    if len(guides) == 1:
+        names = ["v=1 (pre-trained)", "v=0 (fine-tuned)"]
+    else:
+        names = ["only pre-trained"] + [f"only fine-tuned {i + 1}" for i in range(len(guides))]
+    rows_per_step = 1 + len(names) if watch.alone else 1
     cells = {}
-    for i, (t, x0_hat) in enumerate(estimates):
-        with torch.no_grad():
-            image = to_pil(sd.vae.decode(x0_hat / LATENT_SCALE).clamp(-1, 1))
-        cells[divmod(i, columns)] = (image, f"t={t}" + (" guided" if any(t > g.K for g in guides) else ""))
-    return grid_image(cells, -(-len(estimates) // columns), min(columns, len(estimates)))
+    for i, (t, x0_hat) in enumerate(watch.estimates):
+        band, col = divmod(i, columns)
+        guided = " guided" if t in watch.alone else ""
+        cells[band * rows_per_step, col] = (decode(sd, x0_hat), f"t={t}{guided}")
+        for row, (x0_alone, name) in enumerate(zip(watch.alone.get(t, []), names), start=1):
+            if x0_alone is not None:
+                cells[band * rows_per_step + row, col] = (decode(sd, x0_alone), name)
+    return grid_image(cells, max(row for row, _ in cells) + 1, min(columns, len(watch.estimates)))
+
+
+@torch.no_grad()
+def decode(sd, latent):
+    return to_pil(sd.vae.decode(latent / LATENT_SCALE).clamp(-1, 1))
 
 
 def joined(values, sep="/"):
@@ -377,11 +410,11 @@ def render(args, s, autocast):
                     guide.K, guide.v = K_i, v_i
                 generator = torch.Generator().manual_seed(seed)
                 noise = torch.randn((1, 4, *latent_size), generator=generator).to(s.device)
-                estimates = []
-                watch = (lambda t, x0_hat: estimates.append((t, x0_hat))) if args.strip else None
+                watch = StepWatch() if args.strip else None
                 with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
                     pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
-                                       autocast=autocast, tiled=args.tile_vae, callback=watch)
+                                       autocast=autocast, tiled=args.tile_vae, callback=watch and watch.callback,
+                                       each_alone=watch and watch.each_alone)
                 if not torch.isfinite(pixels).all():  # as a PNG it would be black
                     cli.fail(f"the sample turned nan or inf (seed {seed}, {label(K, v)}), so no PNG was written for "
                              f"it: check that --base is a working SD v1 file{' and try without --bf16' if autocast else ''}")
@@ -389,8 +422,8 @@ def render(args, s, autocast):
                 image = to_pil(pixels)
                 stem = f"seed{seed}" + (f"-K{joined(K, '_')}-v{joined(v, '_')}" if guides else "")
                 yield image, stem, settings
-                if estimates:
-                    yield steps_strip(s.sd, estimates, guides), stem + "-steps", settings
+                if watch:
+                    yield steps_strip(s.sd, watch, guides), stem + "-steps", settings
                 cells[r, c] = (image, label(K, v))
             if len(cells) > 1:
                 yield (grid_image(cells, len(s.Ks), len(s.vs)), f"seed{seed}-grid",

@@ -34,7 +34,7 @@ from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0
 # 1. Prompts
 
 PLACEHOLDER = "[*]"
-IDENTIFIER = "sks"  # a rare token that the fine-tuning binds to the photo (DreamBooth's choice)
+IDENTIFIER = "sks"  # the rare token that the authors' code (after DreamBooth) puts for [*]
 
 
 def training_prompt(prompt):
@@ -61,13 +61,17 @@ def target_prompt(target, prompt):
 # centre of every 512 x 512 view", and at sampling time paint a castle in every window. SINE adds a
 # fixed sinusoidal map of (x, y) positions to the UNet's first feature map, so each crop is told
 # where it came from; at sampling time the whole map, stretched to any H x W, lays out the scene.
+# The paper says only "normalization and Fourier embedding" of the crop box. The map's form below
+# (a fixed 2-D sinusoid, half the channels per axis, cut and resized bilinearly) and where it enters
+# the UNet come from the authors' code (UNetModelPatch).
 
 
 @dataclass(frozen=True)
 class Sizes:
     """SINE's sizes follow the base model. Every crop is resized to the base's native resolution,
     and the canvas the crops are cut from is twice that: 512 and 1024 for SD v1. The position map
-    has one cell per latent pixel of the canvas: 128 x 128 cells of 8 pixels for SD v1."""
+    has one cell per latent pixel of the canvas: 128 x 128 cells of 8 pixels for SD v1. The paper
+    crops the image itself; the square canvas, twice the crop, is the authors' code's."""
     crop: int = 512   # pixels a side: the base's native resolution
     cell: int = 8     # pixels per latent pixel, the VAE's factor
 
@@ -135,7 +139,9 @@ def make_canvas(image, sizes=SD_V1):
 
 
 def sample_crop_box(generator, sizes=SD_V1):
-    """Crop height and width drawn independently from [0.1, 1) of the grid, at a random offset."""
+    """Crop height and width drawn independently from [0.1, 1) of the grid, at a random offset.
+
+    The fractions are the paper's (Sec. 4); drawing them in whole cells of 8 pixels is the authors'."""
     grid = sizes.grid
     h, w = (int(grid * (0.1 + 0.9 * torch.rand((), generator=generator).item())) for _ in range(2))
     y0 = int(torch.randint(0, grid - h + 1, (), generator=generator))
@@ -151,7 +157,8 @@ def crop_pixels(canvas, crop_box, sizes=SD_V1):
 
 @torch.no_grad()
 def encode(vae, pixels, generator):
-    """pixels in [-1, 1] -> a latent sampled from the VAE's Gaussian, scaled as the UNet expects."""
+    """pixels in [-1, 1] -> a latent sampled from the VAE's Gaussian, as the authors' code does
+    (not its mean), scaled as the UNet expects."""
     mean, logvar = vae.encode(pixels.to(next(vae.parameters()).device))
     noise = torch.randn(mean.shape, generator=generator).to(mean)
     return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * noise)
@@ -164,7 +171,8 @@ def reconstruction_loss(x0_pred, z0, t):
     first pools both latents to 64 x 64 (adaptive_avg_pool2d, recon_loss_size = 64), which on the
     64 x 64 latent of a 512 x 512 crop changes nothing. The weight (t/1000)^2 leaves nearly clean
     steps to the eps-MSE; at large t the term dominates, since x0_pred's error is eps's error times
-    sqrt((1 - a_t) / a_t), about 12 at t = 950: it makes the model lay out each crop from heavy noise.
+    sqrt((1 - a_t) / a_t), 11.0 at t = 950 with SD's schedule: it makes the model lay out each crop
+    from heavy noise.
     """
     per_sample = (x0_pred - z0).abs().mean(dim=(1, 2, 3))                       # (B,)
     return ((t.float() / NUM_TRAIN_TIMESTEPS) ** 2 * per_sample).mean()
@@ -224,7 +232,8 @@ class NonFiniteLoss(ArithmeticError):
 
 def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1):
     """One step on one example: forward, then backward, during which adamw_in_backward (set up once
-    beforehand) updates the weights. Both the UNet and the text encoder learn; the VAE is frozen.
+    beforehand) updates the weights. Both the UNet and the text encoder learn, as in the authors'
+    code; the VAE is frozen.
     Returns the loss and the timestep it was drawn at (train.py logs both).
 
     A nan or inf loss raises NonFiniteLoss before backward, so no weight is touched by it."""
@@ -254,8 +263,9 @@ def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=No
 # with t <= K are left to the pre-trained model, which knows how a "castle covered by snow" looks.
 # K is a timestep on the 1000-step training scale, not a count of sampler steps: with 50 DDIM
 # steps (t = 981, 961, ..., 1) and K = 400, the first 30 steps are guided and the last 20 are not.
-# Several fine-tuned models can guide together (Sec. 4.4, style transfer); model i pulls with
-# weight b_i = 1 - v_i, and the pre-trained model keeps 1 - sum(b_i).
+# Several fine-tuned models can guide together (Sec. 4.4, style transfer). The paper gives no
+# weights for that; the authors' code gives model i the weight b_i = 1 - v_i, and the pre-trained
+# model keeps 1 - sum(b_i).
 
 @dataclass
 class Guide:
@@ -267,12 +277,17 @@ class Guide:
     K: int = 400                      # guide only while t > K
 
 
-def sine_eps(base_unet, cond, uncond, guides, scale):
+def sine_eps(base_unet, cond, uncond, guides, scale, each_alone=None):
     """eps_fn(z, t) for model.ddim.sample: Eq. 3 while some guide is active (t > K), else Eq. 2.
 
     A guided step costs 2 + (active guides) UNet evaluations: the fine-tuned model needs no
     unconditional pass (the authors' code ran one and threw it away). One sample at a time:
     z is (1, 4, h, w) and cond, uncond are (1, 77, 768).
+
+    each_alone(z, t, eps_alone), if given, shows Eq. 3's tug of war at every guided step. eps_alone
+    holds what each model asks for on its own: the pre-trained model with the target (Eq. 2), then
+    each guide with its prompt and all the weight (Eq. 3 at v = 0; None while it is inactive).
+    Eq. 3's eps is their mix, with weights 1 - sum(b_i) and b_i.
     """
     both = torch.cat([cond, uncond])
 
@@ -284,10 +299,15 @@ def sine_eps(base_unet, cond, uncond, guides, scale):
         active = [g for g in guides if t > g.K]
         if not active:
             return classifier_free_guidance(eps_uncond, eps_cond, scale)        # Eq. 2
+        eps_finetuned = [g.unet(z, batch_t[:1], g.context, g.position).float() if t > g.K else None
+                         for g in guides]                                       # None: inactive
         mixed = (1 - sum(1 - g.v for g in active)) * eps_cond
-        for g in active:
-            eps_finetuned = g.unet(z, batch_t[:1], g.context, g.position).float()
-            mixed = mixed + (1 - g.v) * eps_finetuned
+        for g, eps_ft in zip(guides, eps_finetuned):
+            if eps_ft is not None:
+                mixed = mixed + (1 - g.v) * eps_ft
+        if each_alone is not None:
+            each_alone(z, t, [None if e is None else classifier_free_guidance(eps_uncond, e, scale)
+                              for e in [eps_cond, *eps_finetuned]])
         return classifier_free_guidance(eps_uncond, mixed, scale)               # Eq. 3
 
     return eps_fn
@@ -295,15 +315,15 @@ def sine_eps(base_unet, cond, uncond, guides, scale):
 
 @torch.no_grad()
 def edit(sd, guides, cond, uncond, noise, scale=7.5, steps=50, eta=0.0, generator=None, progress=True,
-         autocast=None, tiled=None, callback=None):
+         autocast=None, tiled=None, callback=None, each_alone=None):
     """Sample an edited latent from noise (1, 4, h, w) and decode it: (1, 3, 8h, 8w) in [-1, 1].
 
     autocast: e.g. torch.autocast("cuda", torch.bfloat16) for the UNet passes (the VAE always runs
     in fp32); tiled: decode in tiles, True, False or None (only large images, see model/vae.py);
-    callback(t, x0_hat): see model.ddim.sample."""
+    callback(t, x0_hat): see model.ddim.sample; each_alone: see sine_eps."""
     with autocast or torch.autocast(noise.device.type, enabled=False):
-        latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale), noise, steps, eta, generator, progress,
-                         callback)
+        latents = sample(sine_eps(sd.unet, cond, uncond, guides, scale, each_alone), noise, steps, eta, generator,
+                         progress, callback)
     return sd.vae.decode(latents / LATENT_SCALE, tiled=tiled).clamp(-1, 1)
 
 
@@ -316,9 +336,9 @@ def full_position_map(channels, size, device=None, sizes=SD_V1):
 # ---------------------------------------------------------------------------------------------
 # 5. The fine-tuned file
 #
-# The authors saved a 12 GB Lightning checkpoint. We store only what changed, w_ft - w_base, for the
-# UNet and the text encoder in fp16: at lr 1e-6 the weights move by ~1e-4, so fp16 copies of the
-# whole weights would round the training away, while fp16 *differences* keep it to ~1e-7.
+# Ours: the authors saved a 12 GB Lightning checkpoint. We store only what changed, w_ft - w_base,
+# for the UNet and the text encoder in fp16: at lr 1e-6 the weights move by ~1e-4, so fp16 copies of
+# the whole weights would round the training away, while fp16 *differences* keep it to ~1e-7.
 
 def trainable_parts(sd):
     return {"unet": sd.unet, "text_encoder": sd.text_encoder}

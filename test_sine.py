@@ -182,6 +182,29 @@ def test_eq3_by_hand(setup, v):
 
 
 @torch.no_grad()
+def test_each_model_alone_is_shown_at_guided_steps_only(setup):
+    """What --strip draws under a guided step: each model's own prediction, of which Eq. 3 is the mix.
+    At v = 1 the mix is the pre-trained row exactly; at v = 0.7, 0.7 of it and 0.3 of the fine-tuned row."""
+    s = setup
+    for v in (1.0, 0.7):
+        seen = {}
+        guide = sine.Guide(s["ft1"], s["hat1"], s["pos"], v=v, K=400)
+        eps_fn = sine.sine_eps(s["base"], s["cond"], s["uncond"], [guide], SCALE,
+                               each_alone=lambda z, t, alone: seen.setdefault(t, alone))
+        mixed = {t: eps_fn(s["z"], t) for t in (981, 401, 400, 1)}
+        assert sorted(seen) == [401, 981]  # nothing at the unguided steps
+        for t in (981, 401):
+            pretrained, finetuned = seen[t]
+            e_uncond, e_ft = eps(s["base"], s["z"], t, s["uncond"]), eps(s["ft1"], s["z"], t, s["hat1"], s["pos"])
+            assert_guided_close(finetuned, classifier_free_guidance(e_uncond, e_ft, SCALE), e_uncond, e_ft)
+            assert rel_err(finetuned, pretrained) > 1e-3  # two different rows
+            if v == 1.0:
+                assert torch.equal(mixed[t], pretrained)
+            else:
+                torch.testing.assert_close(mixed[t], v * pretrained + (1 - v) * finetuned, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_two_guides_style_transfer_by_hand(setup):
     """Multi-model guidance (SOURCES.md): eps_pre("") + w((1 - sum b_i) eps_pre(c) + sum b_i eps_ft_i(c_hat_i) - eps_pre("")),
     b_i = 1 - v_i, each guide only while t > its own K."""
@@ -464,6 +487,7 @@ def sample_mse(sd, ids, z0, eta, seeds=(10, 11, 12)):
     return total / len(seeds)
 
 
+@pytest.mark.full
 def test_finetuning_on_one_image_memorises_it(tmp_path):
     path = tmp_path / "memo.safetensors"
     write_checkpoint(path, MEMO, seed=0)

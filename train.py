@@ -16,8 +16,10 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -224,6 +226,7 @@ def preview_path(out, step):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def base_loss(sd, canvas, ids, patch, full_map, alphas, autocast, sizes, n=16):
     """The model's median loss before any step, on n crops at evenly spaced t: the yardstick of the
     blow-up warning. Its own random draws, so the run's crops and noise are those of a run without it.
@@ -372,8 +375,23 @@ def start_over(args):
                 f"{args.unfinished})")
 
 
-def train(args, sd, image, device, stop):
-    """The fine-tuning loop, from the resume state if asked; saves, and returns the last step done."""
+@dataclass
+class Run:
+    """What the training loop needs, set up fresh or from a resume state."""
+    canvas: Image.Image            # the photo on the square canvas that crops are cut from
+    ids: torch.Tensor              # (1, 77) the training prompt's tokens
+    full_map: torch.Tensor | None  # the whole position map, None with --no-patch
+    alphas: torch.Tensor           # the noise schedule
+    sizes: sine.Sizes
+    autocast: object               # bf16 autocast, or None for fp32
+    optimizers: dict               # {parameter: its AdamW}, stepping during backward
+    generator: torch.Generator     # crops, timesteps and noise
+    step: int                      # steps already done
+    loss_before: float             # the base model's loss: the blow-up warning's yardstick
+
+
+def prepare(args, sd, image, device):
+    """Models set to train, the optimizer, the canvas and the map; the resume state if asked."""
     for module in sine.trainable_parts(sd).values():
         module.train().requires_grad_(True)
     sd.unet.gradient_checkpointing = args.grad_checkpointing
@@ -395,24 +413,36 @@ def train(args, sd, image, device, stop):
     else:
         start_over(args)
         step, loss_before = 0, base_loss(sd, canvas, ids, args.patch, full_map, alphas, autocast, sizes)
-    watch = Watch(args, step, loss_before)
+    return Run(canvas, ids, full_map, alphas, sizes, autocast, optimizers, generator, step, loss_before)
 
+
+def take_step(args, sd, run, step):
+    """sine.training_step, with one line for the user if memory runs out or the loss diverges."""
+    try:
+        with cli.out_of_memory_hint(memory_hint(args.grad_checkpointing)):
+            return sine.training_step(sd, run.canvas, run.ids, args.patch, run.generator, run.alphas, run.full_map,
+                                      run.autocast, run.sizes)
+    except sine.NonFiniteLoss as e:
+        diverged(args, f"the loss became {e} at step {step + 1}")
+
+
+def train(args, sd, image, device, stop):
+    """Patch-based fine-tuning (Sec. 3.3): every step trains on a random crop of the photo, told by
+    its position map where it lies. Saves now and then and at the end; returns the last step done."""
+    run = prepare(args, sd, image, device)
+    watch = Watch(args, run.step, run.loss_before)  # the loss log, previews, the blow-up warning
+    step = run.step
     with tqdm(total=args.steps, initial=step, desc="fine-tuning") as bar:  # closed before any error prints
-        while step < args.steps and not stop.signal:
+        while step < args.steps and not stop.signal:  # Ctrl-C and SIGTERM end the loop between steps
             started = time.perf_counter()
-            try:
-                with cli.out_of_memory_hint(memory_hint(args.grad_checkpointing)):
-                    loss, t = sine.training_step(sd, canvas, ids, args.patch, generator, alphas, full_map, autocast,
-                                                 sizes)
-            except sine.NonFiniteLoss as e:
-                diverged(args, f"the loss became {e} at step {step + 1}")
+            loss, t = take_step(args, sd, run, step)  # a random crop, noise at a random t, one AdamW update
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            watch.after_step(step, t, loss, time.perf_counter() - started, sd, image, autocast)
+            watch.after_step(step, t, loss, time.perf_counter() - started, sd, image, run.autocast)
             if args.save_every and step % args.save_every == 0 and step < args.steps:
-                save(args, sd, optimizers, generator, step, image, True, loss_before)
-    save(args, sd, optimizers, generator, step, image, step < args.steps, loss_before)
+                save(args, sd, run.optimizers, run.generator, step, image, True, run.loss_before)
+    save(args, sd, run.optimizers, run.generator, step, image, step < args.steps, run.loss_before)
     return step
 
 

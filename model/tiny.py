@@ -3,7 +3,8 @@
     python -m model.tiny weights/tiny.safetensors          # ~10 MB, seconds on a CPU
     python -m model.tiny --full /tmp/random-sd.safetensors # SD v1 size (4 GB), for tests
 
-The real weights are a 4 GB download, so tests and the one-minute install check run on these.
+The real weights are a 4 GB download, so tests run on these. (The README's one-minute check runs on
+another small file, the toy base that toy/ trains: weights/toy-base.safetensors.)
 A tiny file records its config in the safetensors metadata; `load_sd` reads it from there.
 Its pictures are noise: the point is that every code path runs and every shape is right.
 """

@@ -20,8 +20,10 @@ For SD v1 at 512 x 512 pixels (64 x 64 latents), 8 attention heads wherever ther
 
 ResBlocks take the timestep embedding; SpatialTransformers cross-attend to the text context.
 
-SINE (Sec. 3.3) adds a fixed position map to the output of the very first conv, so that a model
-fine-tuned on crops knows where each crop sat in the image. `pos=None` is plain SD v1.
+SINE gives the UNet the crop's position as "normalization and Fourier embedding" (Sec. 3.3), so
+that a model fine-tuned on crops knows where each crop sat in the image. Where it enters is not in
+the paper: the authors' code (UNetModelPatch) adds the fixed position map to the output of the very
+first conv, and so do we. `pos=None` is plain SD v1.
 
 Attribute names follow the checkpoint keys under `model.diffusion_model.`; the numbered blocks are
 `nn.Sequential`-like lists whose indices match the file.
@@ -251,7 +253,7 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 1280)
         h = self.input_blocks[0](x, emb, context)                                 # (B, 320, h, w)
         if pos is not None:
-            h = h + pos.to(h.dtype)  # SINE Sec. 3.3: before it is stored as the first skip
+            h = h + pos.to(h.dtype)  # as the authors' code: before it is stored as the first skip
         skips = [h]
         for block in self.input_blocks[1:]:
             h = self.run(block, h, emb, context)

@@ -220,7 +220,7 @@ class VAE(nn.Module):
 # pixels (512 x 512 image pixels) bounds that, and blending neighbouring tiles linearly across their
 # overlap hides the seams. Tiling is not exact: each tile's GroupNorms normalise with that tile's own
 # statistics and the mid-block attention sees only its tile, so colours drift slightly from the
-# untiled result (test_fastpaths.py and BENCHMARKS.md give the sizes measured).
+# untiled result (tests/test_fastpaths.py and BENCHMARKS.md give the sizes measured).
 
 TILE = 64                        # latent pixels per tile side (512 image pixels, SD v1's training size)
 OVERLAP = 16                     # least overlap of neighbouring tiles, in latent pixels

@@ -1,8 +1,8 @@
 """Speed and memory: sine against diffusers, on the same random full-size SD v1 weights.
 
-    python bench.py --quick            # CPU: under 15 minutes (a 256x256, 10-step edit)
-    python bench.py                    # the full sizes: a 512x512 edit with 50 steps
-    python bench.py --only unet,load   # some of the benchmarks
+    python -m tools.bench --quick            # CPU: under 15 minutes (a 256x256, 10-step edit)
+    python -m tools.bench                    # the full sizes: a 512x512 edit with 50 steps
+    python -m tools.bench --only unet,load   # some of the benchmarks
 
 Four benchmarks, each timed for our code and for the same work written with diffusers' modules:
 
@@ -15,7 +15,7 @@ Four benchmarks, each timed for our code and for the same work written with diff
 plus `vae`: the tiled VAE decode against the untiled one (time, peak memory, drift), and with
 --big the peak memory of a 2048x2048 edit (slow on a CPU).
 
-Every measurement is a separate process (`python bench.py --worker ...`), run one after another,
+Every measurement is a separate process (`python -m tools.bench --worker ...`), run one after another,
 so that its peak memory is its own and two full-size models never share the machine. Times are
 medians of several runs after a warm-up run; peak memory is the process's peak resident set (RSS)
 during the timed runs (for `load`: during loading), and on CUDA also the peak of allocated GPU memory.
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 FP32_MODEL_GB = 1.066e9 * 4 / 1e9  # UNet + VAE + text encoder in fp32: 4.26 GB
 UNET_TFLOP_512 = 0.80               # one UNet forward, batch 1, 64x64 latents (the issue's floor)
 PROMPT = "a photo of a [*] castle"  # the fine-tuned model's training prompt
@@ -704,7 +704,7 @@ def edit_tflop(size, steps, tiny=False):
 
 
 def run_job(job, log):
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(job))]
+    command = [sys.executable, "-m", "tools.bench", "--worker", json.dumps(asdict(job))]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=HERE,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
@@ -883,7 +883,7 @@ def describe(args):
         device += f", {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"
     return "\n".join([
         f"date:    {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"command: python {shlex.join(['bench.py', *sys.argv[1:]])}",
+        f"command: python -m {shlex.join(['tools.bench', *sys.argv[1:]])}",
         f"commit:  {commit}" + (f" (working tree based on {commit}, uncommitted changes)" if dirty else ""),
         f"device:  {device}",
         f"torch {torch.__version__}, diffusers {importlib.metadata.version('diffusers')}, "

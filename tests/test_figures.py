@@ -1,4 +1,4 @@
-"""figures.py: the README's pictures are what the command draws today, and they show what they say."""
+"""tools/figures.py: the README's pictures are what the command draws today, and they show what they say."""
 import os
 import subprocess
 import sys
@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import figures
+from tools import figures
 from edit import LABEL_HEIGHT
 import sine
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory):
     """figures.py run as the README runs it, into a fresh folder."""
     folder = tmp_path_factory.mktemp("figures")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "figures.py"), "--out", "pictures"],
-                            cwd=folder, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "tools.figures", "--out", "pictures"],
+                            cwd=folder, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return folder / "pictures", result.stdout.split()
 
@@ -67,8 +67,8 @@ def test_each_crop_is_cut_from_its_box_and_brings_the_map_of_its_box():
 
 
 def test_a_photo_that_cannot_be_read_gets_one_line(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "figures.py"), "missing.jpg", "--out", "pictures"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "tools.figures", "missing.jpg", "--out", "pictures"],
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "pictures").exists()

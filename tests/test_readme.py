@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
 ONE_MINUTE_CHECK = "### One-minute check, no download"
 TOY_SECTION = "## See it work without a GPU"
@@ -61,6 +61,7 @@ def test_readme_has_the_commands_a_newcomer_needs():
     assert any(heading == ONE_MINUTE_CHECK for heading, _ in readme_commands())
 
 
+@pytest.mark.full
 def test_one_minute_check_runs_as_written(tmp_path):
     """Twice: a newcomer who runs the check again must not be told that a file exists."""
     for _ in range(2):
@@ -72,9 +73,9 @@ def test_one_minute_check_runs_as_written(tmp_path):
 @pytest.fixture
 def user_folder(tmp_path):
     """The program as a user holds it, with a tiny checkpoint as the one file in weights/."""
-    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py", "figures.py"):
+    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py"):
         shutil.copy(os.path.join(REPO, name), tmp_path / name)
-    for folder in ("model", "weights", "examples"):
+    for folder in ("model", "tools", "weights", "examples"):
         shutil.copytree(os.path.join(REPO, folder), tmp_path / folder,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.safetensors"))
     subprocess.run([sys.executable, "-m", "model.tiny", "weights/tiny.safetensors"], cwd=tmp_path, env=ENV,
@@ -82,6 +83,7 @@ def user_folder(tmp_path):
     return tmp_path
 
 
+@pytest.mark.full
 def test_every_other_command_runs(user_folder, tmp_path):
     """In README order, on the tiny model; the recipes' other models, a painting and a dog with a
     flower, are fine-tuned first from the example photo (the README leaves those steps to the reader)."""

@@ -15,7 +15,7 @@ from model.loader import SDConfig
 from toy import score, world
 from toy.base import TOY, TOY_BASE
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 BASE = os.path.join(ROOT, TOY_BASE)
 
 
@@ -157,6 +157,7 @@ SEED_SPREAD = {"effect 1, fidelity": 0.114, "effect 2, fidelity": 0.127, "effect
 SCENE = 2
 
 
+@pytest.mark.full
 def test_a_reduced_replication_shows_effects_1_and_2(tmp_path, capsys):
     """At 2:1 the patch model keeps the shape where the source has it better than the --no-patch
     model (effect 1). At 1:1, guiding the pre-trained model with a --no-patch model (Eq. 3) keeps

@@ -155,7 +155,8 @@ class Case:
 
 
 # Module scope: pytest groups the tests by case, and drops one case's model before loading the next.
-@pytest.fixture(scope="module", params=["tiny-fp32", "tiny-fp16", "full-fp32", "full-fp16"])
+@pytest.fixture(scope="module", params=["tiny-fp32", "tiny-fp16", pytest.param("full-fp32", marks=pytest.mark.full),
+                                        pytest.param("full-fp16", marks=pytest.mark.full)])
 def case(request, checkpoint):
     size, dtype = request.param.split("-")
     path = checkpoint(size, dtype)

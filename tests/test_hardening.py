@@ -44,7 +44,7 @@ import train
 from model import load_sd
 from model.tiny import TINY, write_checkpoint
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 PROMPT = "a photo of a [*] castle"
 PHOTO_SIZE = (64, 48)  # (w, h)
 MARKER = "PAYLOAD-RAN"  # what the booby-trapped pickles create, in the work folder, if ever unpickled
@@ -478,21 +478,22 @@ def root(tmp_path_factory):
     return str(root)
 
 
+def prepare(row, root, kind):
+    """A fresh folder holding the row's inputs."""
+    folder = os.path.join(root, "rows", kind, row.id)
+    os.makedirs(folder)
+    for name, make in row.inputs.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        make(os.path.join(folder, name), root)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def table(root):
-    """Run every row's CLI once, in parallel, each in its own folder; snapshot before and after."""
+    """Run every row's CLI once as a process, in parallel, each in its own folder; snapshot before and after."""
     shared_before = snapshot(root, skip={os.path.join(root, "rows")})
     results = {}
-
-    def prepare(row):
-        folder = os.path.join(root, "rows", row.id)
-        os.makedirs(folder)
-        for name, make in row.inputs.items():
-            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-            make(os.path.join(folder, name), root)
-        return folder
-
-    folders = {row.id: prepare(row) for row in ROWS}
+    folders = {row.id: prepare(row, root, "processes") for row in ROWS}
     befores = {row.id: snapshot(folders[row.id]) for row in ROWS}
 
     def go(row):
@@ -529,11 +530,36 @@ def booby_trapped(monkeypatch, root):
 # The table, through the real CLIs
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_table(row, table, root, booby_trapped, monkeypatch, capsys):
+def test_table(row, root, booby_trapped, monkeypatch, capsys):
+    """In-process, with weights, training and sampling booby-trapped: each mistake gets its one line
+    before any of them, and an accepted photo passes every check and goes on to load the weights."""
+    folder = prepare(row, root, "in-process")
+    before = snapshot(folder)
+    args = [fill(a, root) for a in row.args]
+    monkeypatch.chdir(folder)
+    if row.accepted:
+        with pytest.raises(WeightsTouched):
+            train.main(args)
+        return
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        (train if row.script == "train.py" else edit).main(args)
+    line = exit_message(exit_info)
+    for word in row.words:
+        assert fill(word, root) in line, f"{fill(word, root)!r} not in: {line}"
+    assert capsys.readouterr().err == "", "nothing else is printed"
+    assert not changes(before, snapshot(folder)), f"{row.id} changed files"
+    assert not os.path.exists(os.path.join(root, MARKER)), "a pickle was unpickled"
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_table_as_processes(row, table, root):
+    """The same rows through the real processes: a non-zero exit, one line and no traceback, nothing
+    on stdout, no file touched; an accepted photo trains a step."""
     result, folder = table["results"][row.id], table["folders"][row.id]
     before, after = table["before"][row.id], table["after"][row.id]
     args = [fill(a, root) for a in row.args]
-
     if row.accepted:
         assert result.returncode == 0, f"{row.id}: the photo was refused:\n{result.stderr[-2000:]}"
         out = os.path.join("finetuned", os.path.splitext(args[0])[0] + ".safetensors")
@@ -542,12 +568,7 @@ def test_table(row, table, root, booby_trapped, monkeypatch, capsys):
         assert set(changes(before, after)) == {"finetuned" + os.sep, out, log}, changes(before, after)
         _, metadata = load_tensors(os.path.join(folder, out))
         assert metadata["source_size"] == "{}x{}".format(*row.accepted), "EXIF rotation not applied?"
-        # In-process: the photo passes every check and the program goes on to load the weights.
-        monkeypatch.chdir(folder)
-        with pytest.raises(WeightsTouched):
-            train.main(args + ["--overwrite"])
         return
-
     line = error_line(result.stderr)
     assert result.returncode != 0
     assert result.stdout == ""
@@ -556,16 +577,8 @@ def test_table(row, table, root, booby_trapped, monkeypatch, capsys):
     assert not changes(before, after), f"{row.id} changed files: {changes(before, after)}"
     assert not os.path.exists(os.path.join(root, MARKER)), "a pickle was unpickled"
 
-    # In-process, with weights, training and sampling booby-trapped: the same line, before any of them.
-    monkeypatch.chdir(folder)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        (train if row.script == "train.py" else edit).main(args)
-    assert exit_message(exit_info) == line
-    assert capsys.readouterr().err == "", "nothing else is printed"
-    assert not changes(before, snapshot(folder))
 
-
+@pytest.mark.full
 def test_damaged_files_that_train_py_wrote_are_not_called_downloads(table):
     """A truncated base is downloaded again; a fine-tuned file or resume state is made again."""
     for row_id in ("finetuned-truncated", "train-resume-state-truncated"):
@@ -573,6 +586,7 @@ def test_damaged_files_that_train_py_wrote_are_not_called_downloads(table):
         assert "Download" not in line and "truncated" in line, line
 
 
+@pytest.mark.full
 def test_table_left_shared_files_alone(table):
     assert not changes(table["shared_before"], table["shared_after"])
 
@@ -618,6 +632,7 @@ def test_photo_modes_become_rgb(tmp_path, maker, suffix, expected, tolerance):
 # ---------------------------------------------------------------------------------------------
 # Pickles are never opened
 
+@pytest.mark.full
 def test_renamed_pickle_is_refused_and_its_payload_never_runs(root, tmp_path):
     marker = os.path.join(root, MARKER)
     evil = str(tmp_path / "v1-5-pruned-emaonly.safetensors")
@@ -696,6 +711,7 @@ def train_command(root, out, *extra, steps=2):
                                        "--out", out, *extra]
 
 
+@pytest.mark.full
 def test_kill_9_then_resume_matches_an_uninterrupted_run(root, tmp_path):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd = str(tmp_path)
@@ -772,6 +788,7 @@ def finish(process, log):
     return stdout, Path(log.name).read_text()
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_run_saves_exits_nonzero_and_says_how_to_resume(root, tmp_path, signum):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
@@ -811,6 +828,7 @@ def test_interrupted_run_saves_exits_nonzero_and_says_how_to_resume(root, tmp_pa
     assert not (tmp_path / "ft" / "castle.resume.safetensors").exists()
 
 
+@pytest.mark.full
 def test_an_unfinished_run_is_never_replaced_without_a_word(root, tmp_path):
     """The same command again is refused with the --resume command; --overwrite starts over and says
     in one line that it deletes the unfinished run's resume state."""
@@ -842,6 +860,7 @@ def test_an_unfinished_run_is_never_replaced_without_a_word(root, tmp_path):
     assert load_tensors(str(tmp_path / "ft" / "castle.safetensors"))[1]["steps"] == "2"
 
 
+@pytest.mark.full
 def test_sigterm_then_resume_matches_an_uninterrupted_run(root, tmp_path):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd = str(tmp_path)
@@ -862,6 +881,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(root, tmp_path):
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
 
 
+@pytest.mark.full
 def test_chained_edit_does_not_run_after_an_interrupted_training(root, tmp_path):
     """Ctrl-C in a terminal reaches the whole foreground process group: here the shell and train.py."""
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
@@ -882,6 +902,7 @@ def test_chained_edit_does_not_run_after_an_interrupted_training(root, tmp_path)
     assert (tmp_path / "ft" / "castle.safetensors").exists(), "the interrupted run saved"
 
 
+@pytest.mark.full
 def test_second_ctrl_c_stops_at_once_and_keeps_the_last_save(root, tmp_path):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd, out = str(tmp_path), tmp_path / "ft" / "castle.safetensors"
@@ -914,6 +935,7 @@ def resume_refusals():
     ]
 
 
+@pytest.mark.full
 def test_resume_refuses_changed_arguments_and_a_smaller_plan(root, tmp_path):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd = str(tmp_path)
@@ -1058,6 +1080,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@pytest.mark.full
 def test_disk_really_full_and_read_only(root, tmp_path, tmpfs):
     """The same through the CLIs, on a real full disk and a real read-only one."""
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
@@ -1133,7 +1156,7 @@ def oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@pytest.mark.parametrize("checkpointing, hint", [("--no-grad-checkpointing", "turn it on"),
+@pytest.mark.parametrize("checkpointing, hint", [pytest.param("--no-grad-checkpointing", "turn it on", marks=pytest.mark.full),
                                                  ("--grad-checkpointing", "GPU with more memory")])
 def test_out_of_memory_while_training(root, tmp_path, monkeypatch, capsys, checkpointing, hint):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
@@ -1187,6 +1210,7 @@ def all_finite(folder):
     ((), "the loss became"),                          # weights blow up; the next forward gives nan
     (("--save-every", "1"), "holds nan or inf"),      # the save after step 1 meets an fp16 overflow
 ], ids=["nan-loss", "save-every"])
+@pytest.mark.full
 def test_diverging_run_stops_and_keeps_the_last_good_save(root, tmp_path, options, when):
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd = str(tmp_path)
@@ -1285,6 +1309,7 @@ def test_edit_defaults_to_bf16_on_cpus_that_compute_it_natively(monkeypatch, tmp
     assert cli.bf16_autocast(cpu) is None                                   # train.py
 
 
+@pytest.mark.full
 def test_a_long_prompt_warns_in_one_plain_line(root, tmp_path):
     result = run(root, "edit.py", "--target", " ".join(["castle"] * 90), "--finetuned", "none", "--steps", "1",
                  "--height", "64", "--width", "64", "--out", "pngs", cwd=str(tmp_path))
@@ -1329,6 +1354,7 @@ def test_a_ctrl_c_while_a_png_is_written_waits_for_it_to_be_reported():
     assert reported == ["seed0.png", "seed1.png"]
 
 
+@pytest.mark.full
 def test_edit_reads_an_ellipsis_and_keeps_the_aspect_of_one_given_side(root, tmp_path):
     """Through the CLI: "…" continues the training prompt; --width alone keeps the photo's 4:3."""
     result = run(root, "edit.py", "--target", "\u2026 in snow", "--finetuned", os.path.join(root, "finetuned.safetensors"),
@@ -1373,13 +1399,23 @@ def test_steps_strip_shows_every_step_and_marks_the_guided_ones(root, tmp_path):
     assert strip_name[len("00001-"):] == image_name[len("00000-"):-len(".png")] + "-steps.png"  # the next number
     band = edit.LABEL_HEIGHT  # each row of cells has its labels in a band above it
     with Image.open(tmp_path / strip_path) as strip:
-        assert strip.size == (10 * 128, 2 * (band + 64))  # 12 steps, 10 a row
+        # 12 steps, 10 a row; under each step two rows: the pre-trained and the fine-tuned model alone,
+        # which the last steps (unguided) do not need
+        assert strip.size == (10 * 128, (3 + 1) * (band + 64))
     from model.ddim import ddim_timesteps
-    guided = sum(t > 500 for t in ddim_timesteps(12).tolist())
-    assert 0 < guided < 12
-    # the labels: those of guided steps are longer ("t=917 guided"), so their text reaches further right
+    is_guided = [t > 500 for t in ddim_timesteps(12).tolist()]
+    assert 0 < sum(is_guided) < 12
     pixels = np.asarray(Image.open(tmp_path / strip_path).convert("L"))
-    bands = [pixels[r * (band + 64):r * (band + 64) + band, c * 128:(c + 1) * 128] for r, c in
-             (divmod(i, 10) for i in range(12))]
-    label_width = [int(np.flatnonzero((cell < 128).any(axis=0)).max()) for cell in bands]
-    assert sum(w > min(label_width) + 30 for w in label_width) == guided
+
+    def cell(step, row):  # (label band, picture) of a step's row: 0 the mix, 1 and 2 each model alone
+        r, c = divmod(step, 10)
+        top = (3 * r + row) * (band + 64)
+        return pixels[top:top + band, c * 128:(c + 1) * 128], pixels[top + band:top + band + 64, c * 128:(c + 1) * 128]
+
+    # the labels: those of guided steps are longer ("t=917 guided"), so their text reaches further right
+    label_width = [int(np.flatnonzero((cell(i, 0)[0] < 128).any(axis=0)).max()) for i in range(12)]
+    assert [w > min(label_width) + 30 for w in label_width] == is_guided
+    for i, guided in enumerate(is_guided):  # each model alone: under guided steps only, labelled
+        for row in (1, 2):
+            label, picture = cell(i, row)
+            assert (label < 128).any() == guided and (picture != 255).any() == guided

@@ -1,13 +1,14 @@
 """Draw the README's two pictures of patch-based fine-tuning (Sec. 3.3) with sine.py's own functions.
 
-    python figures.py                             # examples/cat.png, into docs/
-    python figures.py castle.jpg --out pictures   # what fine-tuning will see of your photo
+    python -m tools.figures                             # examples/cat.png, into docs/
+    python -m tools.figures castle.jpg --out pictures   # what fine-tuning will see of your photo
 
 position-map.png: channels of SD v1's position map (320 channels on a 128 x 128 grid). Each is a
 sinusoid along x (top row) or y (bottom row); the period shortens as the channel index falls.
 crops.jpg: the photo on its square canvas with random crop boxes, drawn by the function that draws
 train.py's; under it, each box's 512 x 512 crop as the UNet sees it, and the part of the position map that
-comes with it. The map is shown as colour: red rises along x, green along y (two slow cosine channels).
+comes with it. The map is shown as colour: red fades from left to right, green from top to bottom (two slow cosine
+channels, one along x and one along y).
 """
 import argparse
 import os
@@ -81,7 +82,7 @@ def crops_picture(image, full_map, seed=0, count=4):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the position map and random crops of a photo.")
-    p.add_argument("image", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+    p.add_argument("image", nargs="?", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                             "examples", "cat.png"))
     p.add_argument("--out", default="docs", help="folder for position-map.png and crops.jpg")
     p.add_argument("--seed", type=int, default=0, help="seed of the crop boxes")

@@ -22,7 +22,7 @@ from safetensors import safe_open
 import cli  # the repository's copy; the scripts run from a copy of it
 from edit import LABEL_HEIGHT
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SOURCE_SIZE = (112, 72)  # (w, h): wide, and 512 on the short side makes the long side 796, not a multiple of 64
 PROMPT = "a photo of a [*] castle"
 STYLE_PROMPT = "a painting in the [*] style"
@@ -345,6 +345,7 @@ def negative_run(workdir, trained_patch, tmp_path_factory):
     return path, plain
 
 
+@pytest.mark.full
 def test_parameters_read_back_with_an_a1111_parser(negative_run, trained_patch):
     path, _ = negative_run
     prompt, negative, fields = a1111_fields(path)
@@ -360,6 +361,7 @@ def test_parameters_read_back_with_an_a1111_parser(negative_run, trained_patch):
         (str(p["steps"]), str(p["seed"]), p["K"], p["v"])
 
 
+@pytest.mark.full
 def test_negative_prompt_changes_the_output_and_is_recorded(negative_run):
     path, plain = negative_run
     assert parameters(path)["negative"] == NEGATIVE and parameters(plain)["negative"] == ""
@@ -367,6 +369,7 @@ def test_negative_prompt_changes_the_output_and_is_recorded(negative_run):
     assert not np.array_equal(pixels(path), pixels(plain))
 
 
+@pytest.mark.full
 def test_from_reproduces_the_pixels_and_an_override_changes_only_what_it_names(workdir, negative_run, tmp_path):
     path, _ = negative_run
     (again,) = printed_paths(run(workdir, "edit.py", "--from", path, "--out", tmp_path / "again"), workdir)
@@ -379,6 +382,7 @@ def test_from_reproduces_the_pixels_and_an_override_changes_only_what_it_names(w
         assert not np.array_equal(pixels(changed), pixels(path))
 
 
+@pytest.mark.full
 def test_two_targets_in_one_run_give_the_pixels_of_two_runs(workdir, trained_patch, tmp_path):
     common = ["--finetuned", trained_patch["path"], "--height", 64, "--width", 64, "--steps", 2, "--n", 2]
     both = printed_paths(run(workdir, "edit.py", "--target", "... in snow", "a red tower", *common,
@@ -391,6 +395,7 @@ def test_two_targets_in_one_run_give_the_pixels_of_two_runs(workdir, trained_pat
         assert np.array_equal(pixels(one), pixels(other))
 
 
+@pytest.mark.full
 def test_names_sort_by_run_and_a_random_seed_is_recorded(workdir, tmp_path):
     out = tmp_path / "runs"
     runs = [run(workdir, "edit.py", "--target", "a castle", "--finetuned", "none", "--height", 64, "--width", 64,
@@ -404,6 +409,7 @@ def test_names_sort_by_run_and_a_random_seed_is_recorded(workdir, tmp_path):
     assert parameters(paths[0])["seed"] != parameters(paths[1])["seed"]
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("png", ["photo", "grid", "gone"])
 def test_from_a_png_it_cannot_use_gets_one_line(workdir, sweep, trained_patch, negative_run, tmp_path, png):
     if png == "photo":
@@ -424,6 +430,7 @@ def test_from_a_png_it_cannot_use_gets_one_line(workdir, sweep, trained_patch, n
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.full
 def test_export_is_a_complete_checkpoint_that_diffusers_reads(workdir, base, trained_patch, tmp_path):
     import sine
     from model import load_sd
@@ -472,6 +479,7 @@ def edit_from(workdir, png, cwd, out, *extra, check=True):
     return run(workdir, "edit.py", "--from", png, "--out", out, *extra, cwd=str(cwd), check=check)
 
 
+@pytest.mark.full
 def test_from_refuses_a_retrained_model_then_finds_the_original_by_fingerprint(workdir, tmp_path):
     """The user's own folder (not the program's) holds finetuned/ and outputs/, as when train.py and
     edit.py run there with their defaults."""
@@ -506,6 +514,7 @@ def test_from_refuses_a_retrained_model_then_finds_the_original_by_fingerprint(w
     assert parameters(retrained)["fingerprints"]["finetuned"] != parameters(png)["fingerprints"]["finetuned"]
 
 
+@pytest.mark.full
 def test_from_works_from_any_folder_and_records_no_absolute_path(workdir, tmp_path):
     user, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
     user.mkdir()
@@ -525,6 +534,7 @@ def test_from_works_from_any_folder_and_records_no_absolute_path(workdir, tmp_pa
     assert np.array_equal(pixels(again), pixels(png))
 
 
+@pytest.mark.full
 def test_help_shows_every_default(workdir, monkeypatch):
     """Every option that takes a value says its default (--target and --from have none), and --help prints them."""
     import argparse
@@ -584,6 +594,7 @@ def loss_log(path):
     return rows
 
 
+@pytest.mark.full
 def test_loss_log_and_previews_beside_out_and_previews_change_no_weight(workdir, tmp_path):
     watched = run(workdir, "train.py", "castle.png", PROMPT, "--steps", 3, "--preview-every", 2,
                   "--out", tmp_path / "watched" / "castle.safetensors")
@@ -621,6 +632,7 @@ def toy_scene(tmp_path_factory):
     return folder
 
 
+@pytest.mark.full
 def test_edit_and_export_take_the_base_that_a_toy_model_records(toy_scene, tmp_path):
     """The program as cloned (REPO): no --base after train.py; the toy base is found in weights/ by fingerprint."""
     model = tmp_path / "finetuned" / "scene.safetensors"
@@ -634,6 +646,7 @@ def test_edit_and_export_take_the_base_that_a_toy_model_records(toy_scene, tmp_p
     assert printed_paths(exported, str(tmp_path)) == [str(tmp_path / "exported.safetensors")]
 
 
+@pytest.mark.full
 def test_a_blowing_up_loss_warns_once_and_the_run_goes_on(toy_scene, tmp_path):
     """At lr 0.03 AdamW's first steps, which move every weight by about lr, wreck the toy base."""
     out = tmp_path / "hot.safetensors"
@@ -646,6 +659,7 @@ def test_a_blowing_up_loss_warns_once_and_the_run_goes_on(toy_scene, tmp_path):
     assert len(rows) == 111
 
 
+@pytest.mark.full
 def test_the_default_lr_never_warns_on_the_tiny_model(workdir, tmp_path):
     """SD v1's defaults (lr 1e-6) over the 100 steps that the warning's window needs, on a random tiny UNet."""
     out = tmp_path / "calm.safetensors"

@@ -116,9 +116,9 @@ def fused_on_cpu_available():
         return False
 
 
-@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("fused", [pytest.param(False, marks=pytest.mark.full), pytest.param(True, marks=pytest.mark.skipif(
     not fused_on_cpu_available(), reason="no fused AdamW on this CPU build"))], ids=["single-tensor", "fused"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.full)], ids=["plain", "checkpointing"])
 def test_adamw_in_backward_is_bitwise_torch_adamw(base_path, fused, checkpointing):
     steps, lr = 3, 1e-3
     ids = load_sd(base_path).tokenizer([sine.training_prompt(PROMPT)])
