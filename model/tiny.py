@@ -5,8 +5,10 @@
 
 The real weights are a 4 GB download, so tests run on these. (The README's one-minute check runs on
 another small file, the toy base that toy/ trains: weights/toy-base.safetensors.)
-A tiny file records its config in the safetensors metadata; `load_sd` reads it from there.
-Its pictures are noise: the point is that every code path runs and every shape is right.
+A tiny file records its config in the safetensors metadata; `load_sd` reads it from there. Its
+native size is 128 pixels, not 512: train.py cuts 128-pixel crops from a 256-pixel canvas, and
+edit.py's default size has 128 on the short side. Its pictures are noise: the point is that every
+code path runs and every shape is right.
 """
 import argparse
 import math
@@ -27,6 +29,7 @@ TINY = SDConfig(
                     num_heads=2, context_dim=64),
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
     text_encoder=CLIPConfig(width=64, layers=2, heads=2, mlp_width=128),
+    image_size=128,  # crops of 128 pixels, not SD v1's 512: the same code paths, 16 times fewer pixels
 )
 
 

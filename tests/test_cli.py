@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,9 +22,10 @@ from safetensors import safe_open
 
 import cli  # the repository's copy; the scripts run from a copy of it
 from edit import LABEL_HEIGHT
+from model.tiny import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-SOURCE_SIZE = (112, 72)  # (w, h): wide, and 512 on the short side makes the long side 796, not a multiple of 64
+SOURCE_SIZE = (112, 72)  # (w, h): wide, and 128 on the short side makes the long side 199, not a multiple of 64
 PROMPT = "a photo of a [*] castle"
 STYLE_PROMPT = "a painting in the [*] style"
 SNOW = "a photo of a castle in snow"  # what "... in snow" must expand to with PROMPT
@@ -73,11 +75,12 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def expected_default_size(source_size):
-    """The photo's aspect ratio, 512 on the short side, each side to the nearest multiple of 64."""
+def expected_default_size(source_size, native=TINY.image_size):
+    """The photo's aspect ratio, the base's native size (512 for SD v1, 128 for the tiny model) on
+    the short side, each side to the nearest multiple of 64."""
     w, h = source_size
     short = min(w, h)
-    return (round(h * 512 / short / 64) * 64, round(w * 512 / short / 64) * 64)  # (height, width)
+    return (round(h * native / short / 64) * 64, round(w * native / short / 64) * 64)  # (height, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +299,7 @@ def test_default_finetuned_is_newest_and_default_size_follows_photo(workdir, tra
     p = parameters(path)
     assert [os.path.basename(f) for f in p["finetuned"]] == [newest]
     height, width = expected_default_size(SOURCE_SIZE)
-    assert min(height, width) == 512 and height % 64 == 0 and width % 64 == 0
+    assert min(height, width) == TINY.image_size and height % 64 == 0 and width % 64 == 0
     assert (p["width"], p["height"]) == (width, height)
     with Image.open(path) as image:
         assert image.size == (width, height)
@@ -534,7 +537,6 @@ def test_from_works_from_any_folder_and_records_no_absolute_path(workdir, tmp_pa
     assert np.array_equal(pixels(again), pixels(png))
 
 
-@pytest.mark.full
 def test_help_shows_every_default(workdir, monkeypatch):
     """Every option that takes a value says its default (--target and --from have none), and --help prints them."""
     import argparse
@@ -598,7 +600,7 @@ def loss_log(path):
 def test_loss_log_and_previews_beside_out_and_previews_change_no_weight(workdir, tmp_path):
     watched = run(workdir, "train.py", "castle.png", PROMPT, "--steps", 3, "--preview-every", 2,
                   "--out", tmp_path / "watched" / "castle.safetensors")
-    assert "smaller than the 512-pixel crops" in watched.stderr and "upscaled" in watched.stderr
+    assert f"smaller than the {TINY.image_size}-pixel crops" in watched.stderr and "upscaled" in watched.stderr
     run(workdir, "train.py", "castle.png", PROMPT, "--steps", 3, "--out", tmp_path / "plain" / "castle.safetensors")
 
     rows = loss_log(tmp_path / "watched" / "castle.loss.csv")
@@ -630,6 +632,50 @@ def toy_scene(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "toy.world", str(folder / "scene.png"), "--seed", "7", "--width", "128"],
                    cwd=REPO, check=True, capture_output=True)
     return folder
+
+
+class StopAfterOneStep:
+    """train.Stop as if SIGTERM came during step 1; installs no signal handler, so pytest keeps Ctrl-C."""
+
+    def __init__(self):
+        self.checks = 0
+
+    @property
+    def signal(self):
+        self.checks += 1  # the loop asks before each step
+        return signal.SIGTERM if self.checks > 1 else None
+
+
+class NeverStop:
+    signal = None
+
+
+def test_stopped_resumed_and_previewed_runs_end_alike(toy_scene, tmp_path, monkeypatch, capsys):
+    """The default tier's pass through a stop, --resume and --preview-every, in-process on the toy base
+    (the full tier sends real signals to real processes): a run stopped after step 1 and resumed ends
+    with every weight of a run never stopped, which drew previews on the way."""
+    import train
+    command = [str(toy_scene / "scene.png"), TOY_PROMPT, "--base", TOY_BASE, "--steps", "2"]
+    monkeypatch.setattr(train, "Stop", NeverStop)
+    train.main(command + ["--out", str(tmp_path / "whole" / "scene.safetensors"), "--preview-every", "2"])
+    assert [n for n in os.listdir(tmp_path / "whole") if n.endswith(".png")] == ["scene.preview-000002.png"]
+
+    stopped = command + ["--out", str(tmp_path / "stopped" / "scene.safetensors")]
+    monkeypatch.setattr(train, "Stop", StopAfterOneStep)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(stopped)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert "interrupted at step 1 of 2" in capsys.readouterr().err
+    assert (tmp_path / "stopped" / "scene.resume.safetensors").exists()
+    monkeypatch.setattr(train, "Stop", NeverStop)
+    train.main(stopped + ["--resume"])
+    assert not (tmp_path / "stopped" / "scene.resume.safetensors").exists(), "finished: the state is gone"
+
+    with safe_open(tmp_path / "whole" / "scene.safetensors", framework="pt") as a, \
+            safe_open(tmp_path / "stopped" / "scene.safetensors", framework="pt") as b:
+        assert a.metadata()["steps"] == b.metadata()["steps"] == "2"
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert [r[0] for r in loss_log(tmp_path / "stopped" / "scene.loss.csv")] == ["0", "1", "2"]
 
 
 @pytest.mark.full
