@@ -262,12 +262,13 @@ class StepWatch:
     def __init__(self):
         self.estimates = []  # [(t, x0_hat)], noisiest first
         self.alone = {}      # t -> [x0_hat of the pre-trained model alone, then of each guide alone or None]
+        self.alphas = alphas_cumprod()
 
     def callback(self, t, x0_hat):
         self.estimates.append((t, x0_hat))
 
     def each_alone(self, z, t, eps_alone):
-        t_batch, alphas = torch.full((1,), t, device=z.device), alphas_cumprod().to(z.device)
+        t_batch, alphas = torch.full((1,), t, device=z.device), self.alphas.to(z.device)
         self.alone[t] = [e if e is None else predict_x0(z, e, t_batch, alphas) for e in eps_alone]
 
 
@@ -294,6 +295,7 @@ def steps_strip(sd, watch, guides, columns=10):
 
 @torch.no_grad()
 def decode(sd, latent):
+    """A latent (1, 4, h, w) -> the PIL image it decodes to."""
     return to_pil(sd.vae.decode(latent / LATENT_SCALE).clamp(-1, 1))
 
 

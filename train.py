@@ -26,7 +26,7 @@ from tqdm import tqdm
 import cli
 import edit
 import sine
-from model import LATENT_SCALE, load_sd, read_header
+from model import load_sd, read_header
 from model.ddim import sample, text_to_image_eps
 from model.loader import CheckpointError, atomic_path, fingerprint, iter_tensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
@@ -226,7 +226,6 @@ def preview_path(out, step):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def base_loss(sd, canvas, ids, patch, full_map, alphas, autocast, sizes, n=16):
     """The model's median loss before any step, on n crops at evenly spaced t: the yardstick of the
     blow-up warning. Its own random draws, so the run's crops and noise are those of a run without it.
@@ -270,7 +269,7 @@ def preview(sd, prompt, patch, source_size, autocast, steps=25, scale=7.5, seed=
     with autocast or torch.autocast(device.type, enabled=False):
         latents = sample(text_to_image_eps(sd.unet, context[:1], context[1:], scale, position), noise, steps,
                          progress=False)
-    return edit.to_pil(sd.vae.decode(latents / LATENT_SCALE).clamp(-1, 1))
+    return edit.decode(sd, latents)
 
 
 class Watch:
