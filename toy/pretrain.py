@@ -7,13 +7,12 @@
     3. The UNet and the text encoder learn to predict the noise together, SD's loss, with offset
        noise (see OFFSET_NOISE). One caption in ten is dropped to the empty prompt, so that
        classifier-free guidance has an unconditional model. An exponential moving average of the weights is kept.
-    4. The UNet and the text encoder learn to be undisturbed by a position map (see MAP_STEPS).
-    5. Samples for captions seen in training, and for held-out pairs of known words ("a green
+    4. Samples for captions seen in training, and for held-out pairs of known words ("a green
        triangle"), are read back with toy.score.describe; the share that shows what was asked is
-       printed, and a grid of them is saved.
+       printed, and a grid of them is saved. --read-back BASE does only this, on any toy base.
 
 It writes weights/toy-base.safetensors (fp16, about 22 MB), loaded by model.load_sd like any SD v1 file.
-The committed file was made in two sittings, steps 1-3 and then step 4 with --from (README).
+The base never sees a position map: like SD v1, it meets one only when SINE fine-tunes it.
 """
 import argparse
 import copy
@@ -33,7 +32,7 @@ from edit import to_pil
 from model import LATENT_SCALE, Tokenizer, load_sd
 from model.clip import TextEncoder
 from model.ddim import sample, text_to_image_eps
-from model.loader import CONFIG_KEY, PREFIXES, StableDiffusion, check_sd_v1
+from model.loader import CONFIG_KEY, PREFIXES, StableDiffusion
 from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 from model.unet import UNet
 from model.vae import VAE
@@ -112,16 +111,15 @@ OFFSET_NOISE = 0.1
 ALPHAS = alphas_cumprod()
 
 
-def denoiser_loss(unet, text_encoder, latents, ids, empty_ids, batch, generator, maps=None):
-    """SD's eps-MSE on a random batch of (latent, caption) pairs; maps(batch, size) adds position maps."""
+def denoiser_loss(unet, text_encoder, latents, ids, empty_ids, batch, generator):
+    """SD's eps-MSE on a random batch of (latent, caption) pairs."""
     pick = torch.randint(0, len(latents), (batch,), generator=generator)
     z0, caption = latents[pick], ids[pick].clone()
     caption[torch.rand(batch, generator=generator) < 0.1] = empty_ids
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
     noise = torch.randn(z0.shape, generator=generator)
     noise += OFFSET_NOISE * torch.randn((batch, z0.shape[1], 1, 1), generator=generator)
-    position_map = maps(batch, z0.shape[-2:]) if maps else None
-    return F.mse_loss(unet(add_noise(z0, noise, t, ALPHAS), t, text_encoder(caption), position_map), noise)
+    return F.mse_loss(unet(add_noise(z0, noise, t, ALPHAS), t, text_encoder(caption)), noise)
 
 
 def optimizer_step(optimizer, params, loss):
@@ -151,45 +149,7 @@ def train_denoiser(unet, text_encoder, latents, ids, empty_ids, steps, batch, lr
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. A position map must not throw the base off
-
-# SINE adds its position map, unscaled, to the output of the UNet's first conv (Sec. 3.3). In the toy
-# UNet that output is no larger than the map (both have a spread of about 0.6), so the map, new to a
-# base trained without it, wrecked the base's predictions: on one scene's crops its loss rose 8 to 47
-# times, and 2000 steps of SINE's fine-tuning did not bring it back to the base's own (issue 10).
-# SD v1's first features are, we expect, far larger than the map: SINE fine-tunes it at lr 1e-6.
-# So the base trains MAP_STEPS more steps in which half of each batch carries the map of a random
-# crop box, unrelated to the scene: it learns to be undisturbed by a map, not what one means, which
-# SINE's fine-tuning still has to teach. The other half has no map, and the base alone samples
-# without one. Constant lr, no EMA: a short adjustment, not a training.
-MAP_STEPS, MAP_LR = 800, 2e-4
-
-
-def uninformative_maps(generator):
-    """maps(batch, size): (batch, C, h, w), the first half maps of random crop boxes, the rest zeros."""
-    sizes = sine.sizes_for(TOY)
-    full_map = sine.position_map(TOY.unet.model_channels, sizes=sizes)
-
-    def maps(batch, size):
-        cropped = [sine.crop_position_map(full_map, sine.sample_crop_box(generator, sizes), size)
-                   for _ in range(batch // 2)]
-        return torch.cat(cropped + [torch.zeros(batch - len(cropped), full_map.shape[0], *size)])
-    return maps
-
-
-def ignore_maps(unet, text_encoder, latents, ids, empty_ids, steps, batch, generator):
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=MAP_LR, weight_decay=0.01)
-    maps = uninformative_maps(generator)
-    for step in range(steps):
-        loss = denoiser_loss(unet, text_encoder, latents, ids, empty_ids, batch, generator, maps)
-        optimizer_step(optimizer, params, loss)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"map step {step}: loss {loss.item():.4f}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Does it draw what it is asked?
+# 4. Does it draw what it is asked?
 
 @torch.no_grad()
 def generate(sd, captions, seed, steps=25, scale=7.5):
@@ -212,6 +172,19 @@ def accuracy(sd, scenes, seed):
     each = {name: np.mean([r[k] == a[k] for r, a in zip(read, asked)]) for k, name in
             enumerate(("pattern", "shape", "colour", "background"))}
     return {"all": float(np.mean([r == a for r, a in zip(read, asked)])), **{k: float(v) for k, v in each.items()}}, images
+
+
+def read_back(sd, seed, figure):
+    """Step 4: 64 samples of seen captions and 64 of held-out pairs, read back; a grid of 32 of them."""
+    check = random.Random(seed + 1)
+    seen, seen_images = accuracy(sd, [world.random_scene(check) for _ in range(64)], seed=1)
+    unseen, unseen_images = accuracy(sd, [world.random_scene(check, held_out=True) for _ in range(64)], seed=2)
+    for name, result in (("seen captions", seen), ("held-out word pairs", unseen)):
+        print(f"{name}: all four right {result['all']:.0%} (pattern {result['pattern']:.0%}, shape "
+              f"{result['shape']:.0%}, colour {result['colour']:.0%}, background {result['background']:.0%}; 64 samples)")
+    if figure:
+        grid(seen_images[:16] + unseen_images[:16]).save(figure)
+        print(f"samples: {figure} (top two rows seen captions, bottom two held-out pairs)")
 
 
 def grid(images, columns=8):
@@ -238,29 +211,24 @@ def main(argv=None):
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--unet-steps", type=int, default=4500)
-    p.add_argument("--map-steps", type=int, default=MAP_STEPS, help="step 4's")
     p.add_argument("--batch", type=int, default=32, help="the UNet's")
     p.add_argument("--scenes", type=int, default=20_000, help="scenes the UNet trains on")
-    p.add_argument("--from", dest="start_from", metavar="BASE",
-                   help="run step 4 only, on BASE: a file written with --map-steps 0 and otherwise the same flags")
     p.add_argument("--figure", default="docs/toy-base.png", help="grid of samples for seen and held-out captions")
+    p.add_argument("--read-back", metavar="BASE", help="train nothing: step 4 only, on BASE (e.g. the committed file)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    if args.read_back:
+        return read_back(load_sd(args.read_back), args.seed, args.figure)
     start = time.time()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
+    unet, vae, text_encoder = UNet(TOY.unet), VAE(TOY.vae), TextEncoder(TOY.text_encoder)
     tokenizer = Tokenizer()
-    if args.start_from:
-        sd = load_sd(args.start_from)
-        unet, vae, text_encoder = sd.unet, sd.vae, sd.text_encoder
-        for _ in range(args.vae_steps * args.vae_batch + RESCALE_SCENES):  # the scenes steps 1 and 2 drew
-            world.random_scene(rng)
-    else:
-        unet, vae, text_encoder = UNet(TOY.unet), VAE(TOY.vae), TextEncoder(TOY.text_encoder)
-        train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=3e-4)  # at 1e-3 it drew no stripes after 1000 steps
-        vae.requires_grad_(False).eval()
-        c = rescale_latents(vae, scene_batch(rng, RESCALE_SCENES)[1])
-        print(f"latents rescaled by {c:.3f} ({time.time() - start:.0f} s)", flush=True)
+
+    train_vae(vae, rng, args.vae_steps, args.vae_batch, lr=3e-4)  # at 1e-3 it drew no stripes after 1000 steps
+    vae.requires_grad_(False).eval()
+    c = rescale_latents(vae, scene_batch(rng, RESCALE_SCENES)[1])
+    print(f"latents rescaled by {c:.3f} ({time.time() - start:.0f} s)", flush=True)
 
     scenes = [world.random_scene(rng) for _ in range(args.scenes)]
     with torch.no_grad():
@@ -271,32 +239,13 @@ def main(argv=None):
     ids = torch.stack([caption_ids[s.caption()] for s in scenes])
     print(f"{len(scenes)} scenes encoded, {len(captions)} captions ({time.time() - start:.0f} s)", flush=True)
 
-    empty_ids = tokenizer([""])[0]
-    if not args.start_from:
-        unet, text_encoder = train_denoiser(unet, text_encoder, latents, ids, empty_ids, args.unet_steps,
-                                            args.batch, 5e-4, torch.Generator().manual_seed(args.seed))
-    unet.requires_grad_(True).train()
-    text_encoder.requires_grad_(True).train()
-    ignore_maps(unet, text_encoder, latents, ids, empty_ids, args.map_steps, args.batch,
-                torch.Generator().manual_seed(args.seed + 1))
+    unet, text_encoder = train_denoiser(unet, text_encoder, latents, ids, tokenizer([""])[0], args.unet_steps,
+                                        args.batch, 5e-4, torch.Generator().manual_seed(args.seed))
     minutes = (time.time() - start) / 60
-    metadata = {"toy.pretrain": " ".join(argv) or "defaults", "minutes": f"{minutes:.1f}"}
-    if args.start_from:  # what made BASE, kept
-        metadata |= {f"steps 1-3 {key}": value for key, value in check_sd_v1(args.start_from)[1].items()
-                     if key != CONFIG_KEY}
-    save(args.out, unet, vae, text_encoder, metadata)
+    save(args.out, unet, vae, text_encoder, {"toy.pretrain": " ".join(argv) or "defaults", "minutes": f"{minutes:.1f}"})
     print(f"wrote {args.out} after {minutes:.1f} minutes", flush=True)
 
-    sd = StableDiffusion(unet.eval(), vae, text_encoder.eval(), tokenizer, TOY, "toy", {})
-    check = random.Random(args.seed + 1)
-    seen, seen_images = accuracy(sd, [world.random_scene(check) for _ in range(64)], seed=1)
-    unseen, unseen_images = accuracy(sd, [world.random_scene(check, held_out=True) for _ in range(64)], seed=2)
-    for name, result in (("seen captions", seen), ("held-out word pairs", unseen)):
-        print(f"{name}: all four right {result['all']:.0%} (pattern {result['pattern']:.0%}, shape "
-              f"{result['shape']:.0%}, colour {result['colour']:.0%}, background {result['background']:.0%}; 64 samples)")
-    if args.figure:
-        grid(seen_images[:16] + unseen_images[:16]).save(args.figure)
-        print(f"samples: {args.figure} (top two rows seen captions, bottom two held-out pairs)")
+    read_back(StableDiffusion(unet.eval(), vae, text_encoder.eval(), tokenizer, TOY, "toy", {}), args.seed, args.figure)
 
 
 if __name__ == "__main__":

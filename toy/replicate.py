@@ -1,6 +1,6 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: 10 to 12 minutes a seed on 2 CPU cores (Intel Xeon)
+    python -m toy.replicate                  # seed 1: 6 minutes a seed on 2 CPU cores (Intel Xeon)
     python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
 For each seed: draw a 2:1 scene ("a plain red circle on a white background", 128 x 64 pixels),
@@ -79,61 +79,57 @@ def prompt(scene, identifier=False):
     return scene.caption().replace(f" {scene.shape} ", " [*] ") if identifier else scene.caption()
 
 
-def fine_tune(args, seed, scene, folder):
-    """The patch and the --no-patch model on the 2:1 source, and the guidance test's --no-patch model
-    on the scene drawn at the base's native 64 x 64 (see edits).
-
-    Two trainings run at once, each on half of the cores: a toy step is too small to keep two cores
-    busy (measured: 0.28 s a step on one thread, 0.30 s on two). No gradient checkpointing: the toy
-    fits in memory, and recomputing activations would only cost time (a quarter of a step; the
-    weights come out the same)."""
-    sources = {size: os.path.join(folder, f"source-{size[0]}x{size[1]}.png") for size in (WIDE, NATIVE)}
-    for size, path in sources.items():
-        world.draw(scene, *size).save(path)
-
-    def train(name, size, lr, *flags):
-        return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base, "--lr", lr,
-                   "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite",
-                   "--no-grad-checkpointing", *flags, threads=max(1, os.cpu_count() // 2))[-1]
-
-    with ThreadPoolExecutor(1) as pool:
-        patch = pool.submit(train, "patch", WIDE, args.lr, "--steps", args.steps)
-        no_patch = train("no-patch", WIDE, args.lr, "--no-patch", "--steps", args.nopatch_steps)
-        guidance = train("guidance-test", NATIVE, args.guidance_lr, "--no-patch", "--steps", args.guidance_steps)
-    return {"patch": patch.result(), "no-patch": no_patch, "guidance test": guidance}
-
-
-def sample(args, folder, size, *flags):
+def sample(args, folder, size, *flags, threads=None):
     """edit.py's PNGs (not its grid): args.samples seeds at size (width, height)."""
     printed = run("edit.py", "--steps", args.ddim_steps, "--width", size[0], "--height", size[1], "--n", args.samples,
-                  "--seed", 0, "--out", os.path.join(folder, "edits"), "--no-bf16", *flags)
+                  "--seed", 0, "--out", os.path.join(folder, "edits"), "--no-bf16", *flags, threads=threads)
     return [p for p in printed if not p.endswith("-grid.png")]
 
 
-def edits(args, models, target, folder):
-    """Every edit of the three experiments: {condition: [PNG paths]}.
+def experiments(args, seed, scene, target, folder):
+    """Fine-tune the three models and make every edit of the three experiments: {condition: [PNG paths]}.
 
+    Effect 1: a patch model and a --no-patch model, both on the 2:1 source, each guiding SINE at 2:1.
     Effect 2 follows the paper's own test of it (Sec. 4.2, Fig. 6): one model fine-tuned without
-    patches (800 steps there), at its native size, sampled by itself with Eq. 2 ("w/o guidance") and
-    guiding the pre-trained model with Eq. 3 ("w/ guidance"). By itself means as an ordinary
-    text-to-image model, its own unconditional prediction included: export.py writes it as a
-    complete checkpoint. Effects 1 and 3 are at the source's 2:1."""
-    base, wide, native = ["--base", args.base], WIDE, NATIVE
-    asked = ["--target", prompt(target)]
-    exported = run("export.py", models["guidance test"], *base, "--fp32", "--overwrite",
-                   "--out", os.path.join(folder, "guidance-test-exported.safetensors"))[-1]
-    found = {
-        "SINE, patch model": sample(args, folder, wide, *base, *asked, "--finetuned", models["patch"]),
-        "SINE, --no-patch model": sample(args, folder, wide, *base, *asked, "--finetuned", models["no-patch"]),
-        "fine-tuned model alone": sample(args, folder, native, "--base", exported, "--finetuned", "none",
-                                         "--target", sine.training_prompt(prompt(target, identifier=True))),
-        "pre-trained model alone": sample(args, folder, native, *base, *asked, "--finetuned", "none"),
-        "SINE at 1:1": sample(args, folder, native, *base, *asked, "--finetuned", models["guidance test"]),
-    }
+    patches (800 steps there) on the scene at the base's native 64 x 64, sampled by itself with Eq. 2
+    ("w/o guidance") and guiding the pre-trained model with Eq. 3 ("w/ guidance"). By itself means as
+    an ordinary text-to-image model, its own unconditional prediction included: export.py writes it
+    as a complete checkpoint. Effect 3 sweeps the patch model's K and v at 2:1.
+
+    The patch model's steps take longest: it trains on one core while the other trains the two
+    --no-patch models and makes their edits; the patch model's edits then have both cores. (A toy
+    step is too small to keep two cores busy: measured, 0.28 s a step on one thread, 0.30 s on two.)
+    No gradient checkpointing: the toy fits in memory, and recomputing activations would only cost
+    time (a quarter of a step; the weights come out the same)."""
+    sources = {size: os.path.join(folder, f"source-{size[0]}x{size[1]}.png") for size in (WIDE, NATIVE)}
+    for size, path in sources.items():
+        world.draw(scene, *size).save(path)
+    one_core = max(1, os.cpu_count() // 2)
+
+    def train(name, size, *flags):
+        return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base, "--lr", args.lr,
+                   "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite",
+                   "--no-grad-checkpointing", *flags, threads=one_core)[-1]
+
+    base, asked = ["--base", args.base], ["--target", prompt(target)]
+    with ThreadPoolExecutor(1) as pool:
+        patch = pool.submit(train, "patch", WIDE, "--steps", args.steps)
+        no_patch = train("no-patch", WIDE, "--no-patch", "--steps", args.nopatch_steps)
+        guidance = train("guidance-test", NATIVE, "--no-patch", "--steps", args.guidance_steps)
+        exported = run("export.py", guidance, *base, "--fp32", "--overwrite",
+                       "--out", os.path.join(folder, "guidance-test-exported.safetensors"), threads=one_core)[-1]
+        found = {
+            "SINE, --no-patch model": sample(args, folder, WIDE, *base, *asked, "--finetuned", no_patch, threads=one_core),
+            "fine-tuned model alone": sample(args, folder, NATIVE, "--base", exported, "--finetuned", "none", "--target",
+                                             sine.training_prompt(prompt(target, identifier=True)), threads=one_core),
+            "pre-trained model alone": sample(args, folder, NATIVE, *base, *asked, "--finetuned", "none", threads=one_core),
+            "SINE at 1:1": sample(args, folder, NATIVE, *base, *asked, "--finetuned", guidance, threads=one_core),
+        }
+        patch = [*base, *asked, "--finetuned", patch.result()]
+    found["SINE, patch model"] = sample(args, folder, WIDE, *patch)
     if args.sweeps:
-        patch = [*base, *asked, "--finetuned", models["patch"]]
-        found["K sweep"] = sample(args, folder, wide, *patch, "--K", ",".join(map(str, K_SWEEP)))
-        found["v sweep"] = sample(args, folder, wide, *patch, "--v", ",".join(map(str, V_SWEEP)))
+        found["K sweep"] = sample(args, folder, WIDE, *patch, "--K", ",".join(map(str, K_SWEEP)))
+        found["v sweep"] = sample(args, folder, WIDE, *patch, "--v", ",".join(map(str, V_SWEEP)))
     return found
 
 
@@ -225,7 +221,7 @@ def replicate(args, seed):
     os.makedirs(folder, exist_ok=True)
     scene, target = source_and_target(seed)
     print(f"seed {seed}: {scene.caption()} -> {target.pattern}", flush=True)
-    rows = records(edits(args, fine_tune(args, seed, scene, folder), target, folder), scene, target)
+    rows = records(experiments(args, seed, scene, target, folder), scene, target)
     source, native = world.draw(scene, WIDTH, HEIGHT), world.draw(scene)
     labelled_grid(source, rows, [("SINE, patch model", {}), ("SINE, --no-patch model", {})],
                   os.path.join(folder, "effect1.png"))
@@ -264,9 +260,7 @@ def main(argv=None):
     p.add_argument("--nopatch-steps", type=int, default=200, help="fine-tuning steps with --no-patch (effect 1)")
     p.add_argument("--guidance-steps", type=int, default=800,
                    help="fine-tuning steps of effect 2's --no-patch model at 1:1 (the paper's 800, Sec. 4.2)")
-    p.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
-    p.add_argument("--guidance-lr", type=float, default=2e-4,
-                   help="effect 2's model's: high enough that, sampled alone, it ignores the edit as the paper's does")
+    p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=8, help="edits per setting, with seeds 0, 1, ...")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
