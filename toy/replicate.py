@@ -113,7 +113,7 @@ def experiments(args, seed, scene, target, folder):
 
     base, asked = ["--base", args.base], ["--target", prompt(target)]
     with ThreadPoolExecutor(1) as pool:
-        patch = pool.submit(train, "patch", WIDE, "--steps", args.steps)
+        patch_model = pool.submit(train, "patch", WIDE, "--steps", args.steps)
         no_patch = train("no-patch", WIDE, "--no-patch", "--steps", args.nopatch_steps)
         guidance = train("guidance-test", NATIVE, "--no-patch", "--steps", args.guidance_steps)
         exported = run("export.py", guidance, *base, "--fp32", "--overwrite",
@@ -125,7 +125,7 @@ def experiments(args, seed, scene, target, folder):
             "pre-trained model alone": sample(args, folder, NATIVE, *base, *asked, "--finetuned", "none", threads=one_core),
             "SINE at 1:1": sample(args, folder, NATIVE, *base, *asked, "--finetuned", guidance, threads=one_core),
         }
-        patch = [*base, *asked, "--finetuned", patch.result()]
+        patch = [*base, *asked, "--finetuned", patch_model.result()]  # the patch model's edits' flags
     found["SINE, patch model"] = sample(args, folder, WIDE, *patch)
     if args.sweeps:
         found["K sweep"] = sample(args, folder, WIDE, *patch, "--K", ",".join(map(str, K_SWEEP)))
