@@ -211,8 +211,8 @@ def adamw_in_backward(params, lr, weight_decay=0.01, fused=False):
     The usual loss.backward(); optimizer.step() holds a whole set of gradients (3.9 GB for SD v1)
     until the step. Here at most a few gradients exist at once. One AdamW per parameter, in
     single-tensor form (or fused, one kernel): the same arithmetic, parameter by parameter, as one
-    AdamW over all of them, so the weights come out bitwise the same. This holds for batch 1 with
-    no gradient clipping, which needs every gradient before any update. Returns {param: its AdamW},
+    AdamW over all of them, so the weights come out bitwise the same. This holds with one backward
+    a step, at any batch, and no gradient clipping, which needs every gradient before any update. Returns {param: its AdamW},
     whose .state[param] holds the moments (train.py saves them for --resume)."""
     optimizers = {p: torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay, foreach=False, fused=fused)
                   for p in params}
@@ -230,25 +230,28 @@ class NonFiniteLoss(ArithmeticError):
     """The loss became nan or inf: the run has diverged."""
 
 
-def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1):
-    """One step on one example: forward, then backward, during which adamw_in_backward (set up once
-    beforehand) updates the weights. Both the UNet and the text encoder learn, as in the authors'
-    code; the VAE is frozen.
-    Returns the loss and the timestep it was drawn at (train.py logs both).
+def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1,
+                  batch=1):
+    """One step on `batch` examples (the paper's is one): forward, then backward, during which
+    adamw_in_backward (set up once beforehand) updates the weights. Both the UNet and the text encoder
+    learn, as in the authors' code; the VAE is frozen.
+    Returns the loss and the timesteps it was drawn at (train.py logs both).
 
     A nan or inf loss raises NonFiniteLoss before backward, so no weight is touched by it."""
-    example = sample_example(sd.vae, canvas, patch, generator, full_map, sizes)
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=generator).to(example.z0.device)
-    noise = torch.randn(example.z0.shape, generator=generator).to(example.z0)
-    with autocast or torch.autocast(example.z0.device.type, enabled=False):
-        context = sd.text_encoder(ids)
-        loss = training_loss(sd.unet, example.z0, context, t, noise, alphas_cumprod, example.position,
+    examples = [sample_example(sd.vae, canvas, patch, generator, full_map, sizes) for _ in range(batch)]
+    z0 = torch.cat([e.z0 for e in examples])                                     # (batch, 4, 64, 64)
+    position = None if examples[0].position is None else torch.cat([e.position for e in examples])
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator).to(z0.device)
+    noise = torch.randn(z0.shape, generator=generator).to(z0)
+    with autocast or torch.autocast(z0.device.type, enabled=False):
+        context = sd.text_encoder(ids).expand(batch, -1, -1)                     # one prompt for every crop
+        loss = training_loss(sd.unet, z0, context, t, noise, alphas_cumprod, position,
                              recon_weight=1.0 if patch else 0.0)
     value = loss.item()
     if not math.isfinite(value):
         raise NonFiniteLoss(value)
     loss.backward()
-    return value, int(t)
+    return value, t.tolist()
 
 
 # ---------------------------------------------------------------------------------------------

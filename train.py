@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="default 10000 with patches, 800 with --no-patch; "
                                              "with --resume, the run's own (a larger number extends it)")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW's learning rate (the paper's)")
+    p.add_argument("--batch", type=int, default=1, help="crops a step (the paper's: 1); each costs memory")
     p.add_argument("--seed", type=int, default=0, help="draws the crops, timesteps and noise")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="every N steps save the weights and a resume state (0: only at the end)")
@@ -78,6 +79,8 @@ def check_args(args):
                          f'"{args.image}"')
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1 (got {args.batch})")
     if not 0 < args.lr < float("inf"):  # also refuses nan
         raise ValueError(f"--lr must be a positive number (got {args.lr})")
     for flag, value in (("--save-every", args.save_every), ("--preview-every", args.preview_every)):
@@ -118,12 +121,12 @@ def unfinished(out):
 def run_identity(args, image):
     """Every argument that shapes the run's numbers; the photo by its pixels, the base by its contents."""
     return {"photo": hashlib.sha256(image.tobytes()).hexdigest()[:16] + f" {image.width}x{image.height}",
-            "prompt": args.prompt, "patch": args.patch, "lr": args.lr, "seed": args.seed,
+            "prompt": args.prompt, "patch": args.patch, "lr": args.lr, "batch": args.batch, "seed": args.seed,
             "base": fingerprint(args.base)}
 
 
 SHAPING = {"photo": "the photo", "prompt": "the prompt", "patch": "patch-based training", "lr": "--lr",
-           "seed": "--seed", "base": "--base"}
+           "batch": "--batch", "seed": "--seed", "base": "--base"}
 
 
 def check_resume(args, image):
@@ -133,6 +136,7 @@ def check_resume(args, image):
         raise ValueError(f"{resume_path(args.out)} was saved by an older version of train.py and cannot be "
                          "checked: start a new run")
     saved, now, done = json.loads(metadata["run"]), run_identity(args, image), int(metadata["step"])
+    saved.setdefault("batch", 1)  # saved before --batch existed
     shown = lambda key, value: ("on" if value else "off") if key == "patch" else repr(value)
     differ = [f"{name} is not the one it started with" if key in ("photo", "base") else
               f"{name} {shown(key, now[key])} (saved: {shown(key, saved.get(key))})"
@@ -156,7 +160,8 @@ def save(args, sd, optimizers, generator, step, image, resumable, loss_before):
         sine.save_finetuned(args.out, sd, args.base, {
             "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image.width}x{image.height}",
             "photo": run["photo"], "canvas": sizes.canvas, "crop": sizes.crop,
-            "steps": step, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr})
+            "steps": step, "planned_steps": args.steps, "seed": args.seed, "lr": args.lr,
+            "batch": args.batch})
         if resumable:  # written last: a resume state on disk means its save completed
             save_resume_state(resume_path(args.out), sd, optimizers, generator, {
                 "step": str(step), "planned_steps": str(args.steps), "run": json.dumps(run),
@@ -290,7 +295,7 @@ class Watch:
             self.file = open(log_path(self.args.out), "w")
             self.file.write("step,t,loss,seconds\n" + "".join(f"{r['step']},{r['t']},{r['loss']},{r['seconds']}\n"
                                                              for r in self.rows))
-        self.file.write(f"{step},{t},{loss:.6g},{seconds:.3f}\n")
+        self.file.write(f"{step},{' '.join(map(str, t))},{loss:.6g},{seconds:.3f}\n")  # t: one per crop
         self.file.flush()
         self.losses.append(loss)
         if not self.warned and blown_up(self.losses, self.base):
@@ -420,7 +425,7 @@ def take_step(args, sd, run, step):
     try:
         with cli.out_of_memory_hint(memory_hint(args.grad_checkpointing)):
             return sine.training_step(sd, run.canvas, run.ids, args.patch, run.generator, run.alphas, run.full_map,
-                                      run.autocast, run.sizes)
+                                      run.autocast, run.sizes, args.batch)
     except sine.NonFiniteLoss as e:
         diverged(args, f"the loss became {e} at step {step + 1}")
 
@@ -434,7 +439,7 @@ def train(args, sd, image, device, stop):
     with tqdm(total=args.steps, initial=step, desc="fine-tuning") as bar:  # closed before any error prints
         while step < args.steps and not stop.signal:  # Ctrl-C and SIGTERM end the loop between steps
             started = time.perf_counter()
-            loss, t = take_step(args, sd, run, step)  # a random crop, noise at a random t, one AdamW update
+            loss, t = take_step(args, sd, run, step)  # random crops, noise at random t, one AdamW update
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")

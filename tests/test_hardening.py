@@ -371,6 +371,7 @@ ROWS = [
     base_row("base-is-finetuned", "ft.safetensors", finetuned_copy("ft"), "fine-tuned file", "--finetuned", "--base"),
     # numbers and the output
     train_row("train-steps-0", "photo.png", PROMPT, "--steps", "0", words=["--steps", "at least 1", "got 0"]),
+    train_row("train-batch-0", "photo.png", PROMPT, "--batch", "0", words=["--batch", "at least 1", "got 0"]),
     train_row("train-lr-nan", "photo.png", PROMPT, "--lr", "nan", words=["--lr", "positive"]),
     train_row("train-out-exists", "photo.png", PROMPT, "--out", "mine.safetensors",
               words=["mine.safetensors", "exists", "--overwrite"], inputs={"mine.safetensors": finetuned_copy("mine")}),
@@ -926,6 +927,7 @@ def resume_refusals():
     return [
         (["--resume", "--lr", "1e-3"], {}, ["--lr 0.001 (saved: 0.0001)"]),
         (["--resume", "--seed", "7"], {}, ["--seed 7 (saved: 3)"]),
+        (["--resume", "--batch", "2"], {}, ["--batch 2 (saved: 1)"]),
         (["--resume", "--no-patch"], {}, ["patch-based training off (saved: on)"]),
         (["--resume", "--base", "{other_base}"], {}, ["--base is not the one it started with"]),
         (["--resume", "--image", "flipped.png"], {"flipped.png": other_photo}, ["the photo is not the one"]),

@@ -82,24 +82,30 @@ def test_patch_loss_is_the_authors(base_path, t):
     assert abs(per_channel - recon) > 1e-3 * recon
 
 
-def test_training_step_trains_on_the_authors_loss(base_path):
-    """Through training_step, with its own crop, encoding and draws: patch mode adds the term,
-    the whole-image ablation (--no-patch) is the eps-MSE alone."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_training_step_trains_on_the_authors_loss(base_path, batch):
+    """Through training_step, with its own crops, encoding and draws: patch mode adds the term,
+    the whole-image ablation (--no-patch) is the eps-MSE alone. With --batch 2, the authors' loss of
+    a batch of two crops (their code's batch_size)."""
     sd = trainable_model(base_path)
     ids = sd.tokenizer([sine.training_prompt(PROMPT)])
     full_map = sine.position_map(TINY.unet.model_channels)
     for patch in (True, False):
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():  # the draws of sine.training_step, in its order
-            crop_box = sine.sample_crop_box(g) if patch else [0, 0, sine.SD_V1.grid, sine.SD_V1.grid]
-            z0 = sine.encode(sd.vae, sine.crop_pixels(canvas(), crop_box), g)
-            t = torch.randint(0, 1000, (1,), generator=g)
+            boxes, z0 = [], []
+            for _ in range(batch):
+                boxes.append(sine.sample_crop_box(g) if patch else [0, 0, sine.SD_V1.grid, sine.SD_V1.grid])
+                z0.append(sine.encode(sd.vae, sine.crop_pixels(canvas(), boxes[-1]), g))
+            z0 = torch.cat(z0)
+            t = torch.randint(0, 1000, (batch,), generator=g)
             noise = torch.randn(z0.shape, generator=g)
-            position = sine.crop_position_map(full_map, crop_box, z0.shape[-2:]) if patch else None
-            mse, recon = authors_loss(sd.unet, z0, sd.text_encoder(ids), t, noise, position)
+            position = torch.cat([sine.crop_position_map(full_map, box, z0.shape[-2:]) for box in boxes]) if patch else None
+            mse, recon = authors_loss(sd.unet, z0, sd.text_encoder(ids).expand(batch, -1, -1), t, noise, position)
         expected = mse + recon if patch else mse
-        loss, _ = sine.training_step(sd, canvas(), ids, patch, torch.Generator().manual_seed(7), alphas_cumprod(),
-                                     full_map if patch else None)
+        loss, timesteps = sine.training_step(sd, canvas(), ids, patch, torch.Generator().manual_seed(7),
+                                             alphas_cumprod(), full_map if patch else None, batch=batch)
+        assert timesteps == t.tolist()
         assert loss == pytest.approx(expected.item(), rel=2e-5), f"patch={patch}"
 
 

@@ -1,6 +1,6 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: 6 minutes a seed on 2 CPU cores (Intel Xeon)
+    python -m toy.replicate                  # seed 1: 6.4 minutes a seed on 2 CPU cores (Intel Xeon)
     python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
 For each seed: draw a 2:1 scene ("a plain red circle on a white background", 128 x 64 pixels),
@@ -107,15 +107,15 @@ def experiments(args, seed, scene, target, folder):
     one_core = max(1, os.cpu_count() // 2)
 
     def train(name, size, *flags):
-        return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base, "--lr", args.lr,
+        return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base,
                    "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite",
                    "--no-grad-checkpointing", *flags, threads=one_core)[-1]
 
     base, asked = ["--base", args.base], ["--target", prompt(target)]
     with ThreadPoolExecutor(1) as pool:
-        patch_model = pool.submit(train, "patch", WIDE, "--steps", args.steps)
-        no_patch = train("no-patch", WIDE, "--no-patch", "--steps", args.nopatch_steps)
-        guidance = train("guidance-test", NATIVE, "--no-patch", "--steps", args.guidance_steps)
+        patch_model = pool.submit(train, "patch", WIDE, "--steps", args.steps, "--batch", args.batch, "--lr", args.patch_lr)
+        no_patch = train("no-patch", WIDE, "--no-patch", "--steps", args.nopatch_steps, "--lr", args.lr)
+        guidance = train("guidance-test", NATIVE, "--no-patch", "--steps", args.guidance_steps, "--lr", args.lr)
         exported = run("export.py", guidance, *base, "--fp32", "--overwrite",
                        "--out", os.path.join(folder, "guidance-test-exported.safetensors"), threads=one_core)[-1]
         found = {
@@ -256,11 +256,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, nargs="+", default=[1], help="one replication per seed")
     p.add_argument("--out", default="replication")
     p.add_argument("--base", default=TOY_BASE)
-    p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps with patches (train.py --steps)")
+    p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps with patches (train.py --steps)")
+    p.add_argument("--batch", type=int, default=4, help="crops a step with patches (train.py --batch; the paper's 1)")
+    p.add_argument("--patch-lr", type=float, default=4e-4, help="learning rate with patches")
     p.add_argument("--nopatch-steps", type=int, default=200, help="fine-tuning steps with --no-patch (effect 1)")
     p.add_argument("--guidance-steps", type=int, default=800,
                    help="fine-tuning steps of effect 2's --no-patch model at 1:1 (the paper's 800, Sec. 4.2)")
-    p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate (the paper's 1e-6 is for SD v1)")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate with --no-patch (the paper's 1e-6 is for SD v1)")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=8, help="edits per setting, with seeds 0, 1, ...")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
