@@ -212,8 +212,8 @@ def adamw_in_backward(params, lr, weight_decay=0.01, fused=False):
     until the step. Here at most a few gradients exist at once. One AdamW per parameter, in
     single-tensor form (or fused, one kernel): the same arithmetic, parameter by parameter, as one
     AdamW over all of them, so the weights come out bitwise the same. This holds with one backward
-    a step, at any batch, and no gradient clipping, which needs every gradient before any update. Returns {param: its AdamW},
-    whose .state[param] holds the moments (train.py saves them for --resume)."""
+    a step, at any batch, and no gradient clipping, which needs every gradient before any update.
+    Returns {param: its AdamW}, whose .state[param] holds the moments (train.py saves them for --resume)."""
     optimizers = {p: torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay, foreach=False, fused=fused)
                   for p in params}
 

@@ -100,7 +100,8 @@ def test_training_step_trains_on_the_authors_loss(base_path, batch):
             z0 = torch.cat(z0)
             t = torch.randint(0, 1000, (batch,), generator=g)
             noise = torch.randn(z0.shape, generator=g)
-            position = torch.cat([sine.crop_position_map(full_map, box, z0.shape[-2:]) for box in boxes]) if patch else None
+            position = (torch.cat([sine.crop_position_map(full_map, box, z0.shape[-2:]) for box in boxes])
+                        if patch else None)
             mse, recon = authors_loss(sd.unet, z0, sd.text_encoder(ids).expand(batch, -1, -1), t, noise, position)
         expected = mse + recon if patch else mse
         loss, timesteps = sine.training_step(sd, canvas(), ids, patch, torch.Generator().manual_seed(7),

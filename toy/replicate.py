@@ -113,7 +113,8 @@ def experiments(args, seed, scene, target, folder):
 
     base, asked = ["--base", args.base], ["--target", prompt(target)]
     with ThreadPoolExecutor(1) as pool:
-        patch_model = pool.submit(train, "patch", WIDE, "--steps", args.steps, "--batch", args.batch, "--lr", args.patch_lr)
+        patch_model = pool.submit(train, "patch", WIDE, "--steps", args.steps, "--batch", args.batch,
+                                  "--lr", args.patch_lr)
         no_patch = train("no-patch", WIDE, "--no-patch", "--steps", args.nopatch_steps, "--lr", args.lr)
         guidance = train("guidance-test", NATIVE, "--no-patch", "--steps", args.guidance_steps, "--lr", args.lr)
         exported = run("export.py", guidance, *base, "--fp32", "--overwrite",
@@ -262,7 +263,8 @@ def main(argv=None):
     p.add_argument("--nopatch-steps", type=int, default=200, help="fine-tuning steps with --no-patch (effect 1)")
     p.add_argument("--guidance-steps", type=int, default=800,
                    help="fine-tuning steps of effect 2's --no-patch model at 1:1 (the paper's 800, Sec. 4.2)")
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate with --no-patch (the paper's 1e-6 is for SD v1)")
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="learning rate with --no-patch (the paper's 1e-6 is for SD v1)")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=8, help="edits per setting, with seeds 0, 1, ...")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
