@@ -7,17 +7,24 @@ The file holds the base weights plus train.py's differences for the UNet and the
 the base's VAE, under the original SD v1 keys. What no other program applies is the position map
 (Sec. 3.3): there the model samples without it, as a DreamBooth-like model of the photo, and without
 SINE's model-based guidance. Prompt it with the training prompt, `[*]` written as `sks`.
+
+    python export.py finetuned/cat.safetensors --lora   # a train.py --lora file -> kohya's LoRA layout
+
+writes the adapters alone, under the names that kohya's scripts give them (diffusers' module paths:
+lora_unet_down_blocks_0_attentions_0_..., lora_te_text_model_...), with .lora_down, .lora_up and
+.alpha: AUTOMATIC1111, ComfyUI and diffusers load such a file onto their own SD v1 base.
 """
 import argparse
 import os
 
 import torch
+from safetensors import safe_open
 
 import cli
 import sine
 from edit import check_base, read_finetuned
 from model import load_sd
-from model.loader import CONFIG_KEY, PREFIXES, atomic_path, check_sd_v1, fingerprint, write_safetensors
+from model.loader import CONFIG_KEY, PREFIXES, atomic_path, check_sd_v1, fingerprint, read_config, write_safetensors
 
 
 def parse_args(argv=None):
@@ -28,6 +35,8 @@ def parse_args(argv=None):
                                   "fingerprint that the fine-tuned file records)")
     p.add_argument("--out", help="default: exported/ and the fine-tuned file's name")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16: half the size)")
+    p.add_argument("--lora", action="store_true", help="a train.py --lora file: write its adapters alone, in "
+                                                       "kohya's layout, not a whole checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("exported", os.path.basename(args.finetuned))
@@ -35,31 +44,85 @@ def parse_args(argv=None):
 
 
 def load(args):
-    """Check the arguments, then the fine-tuned model: (model, metadata for the file)."""
+    """Check the arguments and the fine-tuned file; returns the exported file's metadata."""
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or choose --out")
     cli.check_writable_folder(args.out)
     trained = read_finetuned(args.finetuned)
+    if args.lora and "lora_alpha" not in trained:
+        raise ValueError(f"{args.finetuned} is a full fine-tune, not a train.py --lora file: export it without --lora")
     args.base = cli.base_of(args.finetuned, trained, args.base)
     _, base_metadata = check_sd_v1(args.base)
     check_base(args.finetuned, trained, args.base, fingerprint(args.base))
     metadata = {"sine.exported_from": os.path.basename(args.finetuned), "base": os.path.basename(args.base),
                 "training_prompt": sine.training_prompt(trained["prompt"]), "steps": trained["steps"]}
-    if CONFIG_KEY in base_metadata:  # a model.tiny base: its sizes go along
+    if args.lora:  # kohya's own metadata names, which AUTOMATIC1111 shows
+        metadata.update(ss_network_dim=trained["lora_rank"], ss_network_alpha=trained["lora_alpha"])
+    elif CONFIG_KEY in base_metadata:  # a model.tiny base: its sizes go along
         metadata[CONFIG_KEY] = base_metadata[CONFIG_KEY]
-    return sine.apply_finetuned(load_sd(args.base), args.finetuned), metadata
+    return metadata
+
+
+def whole_checkpoint(args):
+    """The base with the fine-tuned file applied, every weight under its SD v1 key."""
+    sd = sine.apply_finetuned(load_sd(args.base), args.finetuned)
+    return {PREFIXES[part] + name: weight for part in PREFIXES  # unet, vae, text_encoder
+            for name, weight in getattr(sd, part).state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# --lora: our layer names (SD v1's checkpoint keys) -> kohya's, which are diffusers' module paths
+
+RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def diffusers_path(name, num_res_blocks):
+    """Our module path -> diffusers', e.g. input_blocks.1.1.transformer_blocks.0.attn1.to_q ->
+    down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q. Covers the layers that train.py --lora
+    adapts: attention, ResBlock convolutions and conv_in."""
+    if name == "input_blocks.0.0":
+        return "conv_in"
+    block, *numbers = name.split(".")
+    if block == "middle_block":
+        j, inner = int(numbers[0]), numbers[1:]
+        where = "mid_block." + ("attentions.0" if j == 1 else f"resnets.{j // 2}")
+    else:
+        i, j, inner = int(numbers[0]), int(numbers[1]), numbers[2:]
+        # down: each level is num_res_blocks blocks and a Downsample, after input_blocks.0 (conv_in);
+        # up: num_res_blocks + 1 blocks, deepest level first.
+        down = block == "input_blocks"
+        level, k = divmod(i - 1 if down else i, num_res_blocks + 1)
+        where = f"{'down' if down else 'up'}_blocks.{level}.{'resnets' if j == 0 else 'attentions'}.{k}"
+    inner = ".".join(inner)
+    return f"{where}.{RESNET.get(inner, inner)}"
+
+
+def kohya_adapters(path, base, dtype):
+    """{kohya key: tensor} of a LoRA fine-tuned file, alpha included."""
+    num_res_blocks = read_config(base).unet.num_res_blocks
+    names = {"unet": lambda name: "lora_unet_" + diffusers_path(name, num_res_blocks),
+             "text_encoder": lambda name: "lora_te_text_model_" + name}
+    weights = {}
+    with safe_open(path, framework="pt") as f:
+        alpha = torch.tensor(float(f.metadata()["lora_alpha"]), dtype=dtype)
+        for key in f.keys():
+            part = next(part for part, prefix in PREFIXES.items() if key.startswith(prefix))
+            layer, side, _ = key[len(PREFIXES[part]):].rsplit(".", 2)  # ..., lora_down or lora_up, weight
+            kohya = names[part](layer).replace(".", "_")
+            weights[f"{kohya}.{side}.weight"] = f.get_tensor(key).to(dtype)
+            weights[f"{kohya}.alpha"] = alpha
+    return weights
 
 
 def main(argv=None):
     args = parse_args(argv)
     cli.plain_warnings()
+    dtype = torch.float32 if args.fp32 else torch.float16
     try:
-        sd, metadata = load(args)
+        metadata = load(args)
+        weights = kohya_adapters(args.finetuned, args.base, dtype) if args.lora else whole_checkpoint(args)
     except (ValueError, OSError) as e:
         cli.fail(e)
-    dtype = torch.float32 if args.fp32 else torch.float16
-    weights = {PREFIXES[part] + name: weight for part in PREFIXES  # unet, vae, text_encoder
-               for name, weight in getattr(sd, part).state_dict().items()}
     try:
         with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
             write_safetensors(f, {key: w.shape for key, w in weights.items()},

@@ -7,7 +7,8 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
   3. Patch-based fine-tuning (Sec. 3.3): random crops, the loss, AdamW applied during backward,
      one training step.
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
-  5. The fine-tuned file: the difference from the base weights, plus what edit.py needs.
+  5. The fine-tuned file: the difference from the base weights (or LoRA adapters, model/lora.py),
+     plus what edit.py needs.
 
 Reading photos safely and the speed switches (bf16, channels_last, torch.compile) live in cli.py,
 and saving files all or nothing in model/loader.py: they are not the method. What remains here of
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-from model import LATENT_SCALE
+from model import LATENT_SCALE, lora
 from model.ddim import classifier_free_guidance, sample
 from model.loader import PREFIXES, atomic_path, fingerprint, iter_tensors, read_header, write_safetensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0
@@ -356,6 +357,8 @@ def save_finetuned(path, sd, base_path, metadata):
 
     One tensor at a time, read and written: saving needs no second copy of the model. Refuses
     (NonFiniteWeights) to write a file holding nan or inf, so a diverged run never replaces a good save."""
+    if any(lora.adapters(module) for module in trainable_parts(sd).values()):
+        return save_adapters(path, sd, base_path, metadata)
     weights = {PREFIXES[part] + name: (sd.file_keys[part][name], weight)
                for part, module in trainable_parts(sd).items() for name, weight in module.state_dict().items()}
     base_header = read_header(base_path)
@@ -368,15 +371,37 @@ def save_finetuned(path, sd, base_path, metadata):
                 raise NonFiniteWeights(f"{key} holds nan or inf values")
             yield delta
 
-    metadata = {"sine.finetuned": "1", "base": os.path.basename(base_path),
-                "base_fingerprint": fingerprint(base_path), **{k: str(v) for k, v in metadata.items()}}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write_safetensors(f, {key: weight.shape for key, (_, weight) in weights.items()}, deltas(), metadata)
+        write_safetensors(f, {key: weight.shape for key, (_, weight) in weights.items()}, deltas(),
+                          file_metadata(base_path, metadata))
+
+
+def file_metadata(base_path, metadata):
+    return {"sine.finetuned": "1", "base": os.path.basename(base_path), "base_fingerprint": fingerprint(base_path),
+            **{k: str(v) for k, v in metadata.items()}}
+
+
+def save_adapters(path, sd, base_path, metadata):
+    """A LoRA run (model/lora.py) stores its adapters alone, in fp32: megabytes, not the 2 GB of deltas."""
+    weights = {PREFIXES[part] + f"{name}.{side}.weight": getattr(layer, side).weight.detach().float().cpu()
+               for part, module in trainable_parts(sd).items() for name, layer in lora.adapters(module).items()
+               for side in ("lora_down", "lora_up")}
+    for key, weight in weights.items():
+        if not torch.isfinite(weight).all():
+            raise NonFiniteWeights(f"{key} holds nan or inf values")
+    layer = next(iter(lora.adapters(sd.unet).values()))
+    rank = layer.lora_down.weight.shape[0]
+    metadata = file_metadata(base_path, {**metadata, "lora_rank": rank, "lora_alpha": layer.lora_scale * rank})
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write_safetensors(f, {key: w.shape for key, w in weights.items()}, iter(weights.values()), metadata,
+                          torch.float32)
 
 
 def apply_finetuned(sd, path):
-    """Add a fine-tuned file's differences onto sd's UNet and text encoder, in place."""
+    """Add a fine-tuned file's differences, or its merged adapters, onto sd's UNet and text encoder, in place."""
     with safe_open(path, framework="pt") as f:
+        if "lora_alpha" in f.metadata():
+            return merge_adapters(sd, f, float(f.metadata()["lora_alpha"]))
         for part, module in trainable_parts(sd).items():
             for name, weight in module.state_dict().items():
                 delta = f.get_tensor(PREFIXES[part] + name)
@@ -384,4 +409,22 @@ def apply_finetuned(sd, path):
                     raise ValueError(f"{path} holds nan or inf values ({PREFIXES[part] + name}): its training "
                                      "diverged; fine-tune again with a lower --lr")
                 weight += delta.to(weight)
+    return sd
+
+
+def merge_adapters(sd, f, alpha):
+    """Adapt the layers that the open file f has adapters for, load them, and fold them into the weights."""
+    suffix = ".lora_down.weight"
+    for part, module in trainable_parts(sd).items():
+        names = [key[len(PREFIXES[part]):-len(suffix)] for key in f.keys()
+                 if key.startswith(PREFIXES[part]) and key.endswith(suffix)]
+        if not names:
+            continue
+        rank = f.get_slice(PREFIXES[part] + names[0] + suffix).get_shape()[0]
+        lora.add_lora(module, names, rank, alpha)
+        with torch.no_grad():
+            for name, layer in lora.adapters(module).items():
+                for side in ("lora_down", "lora_up"):
+                    getattr(layer, side).weight.copy_(f.get_tensor(f"{PREFIXES[part]}{name}.{side}.weight"))
+        lora.merge(module)
     return sd

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import cli
 import edit
 import sine
-from model import load_sd, read_header
+from model import load_sd, lora, read_header
 from model.ddim import sample, text_to_image_eps
 from model.loader import CheckpointError, atomic_path, fingerprint, iter_tensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
@@ -42,9 +42,15 @@ def parse_args(argv=None):
     p.add_argument("--out", help="fine-tuned file to write (default: finetuned/<image name>.safetensors)")
     p.add_argument("--steps", type=int, help="default 10000 with patches, 800 with --no-patch; "
                                              "with --resume, the run's own (a larger number extends it)")
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW's learning rate (the paper's)")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW's learning rate (the paper's; with --lora, 1e-4 "
+                                                          "unless given, common DreamBooth-LoRA practice)")
     p.add_argument("--batch", type=int, default=1, help="crops a step (the paper's: 1); each costs memory")
-    p.add_argument("--seed", type=int, default=0, help="draws the crops, timesteps and noise")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="train low-rank adapters of this rank (e.g. 8) on frozen weights, not every weight: far less "
+                        "memory, and a file of megabytes (0: the paper's full fine-tune)")
+    p.add_argument("--lora-convs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --lora, also adapt the convolutions around the position map's entry, not only attention")
+    p.add_argument("--seed", type=int, default=0, help="draws the crops, timesteps, noise and adapters' start")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="every N steps save the weights and a resume state (0: only at the end)")
     p.add_argument("--preview-every", type=int, default=0, metavar="N",
@@ -63,6 +69,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for the --resume command we offer
     args.patch = not args.no_patch
+    if args.lora > 0 and not any(a == "--lr" or a.startswith("--lr=") for a in args.argv):
+        args.lr = 1e-4
     base_name = os.path.splitext(os.path.basename(args.image))[0]
     args.out = args.out or os.path.join(cli.FINETUNED_DIR, base_name + ("" if args.patch else "-nopatch") + ".safetensors")
     return args
@@ -79,6 +87,8 @@ def check_args(args):
                          f'"{args.image}"')
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1 (got {args.steps})")
+    if args.lora < 0:
+        raise ValueError(f"--lora must be a rank of 1 or more, or 0 for the full fine-tune (got {args.lora})")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1 (got {args.batch})")
     if not 0 < args.lr < float("inf"):  # also refuses nan
@@ -122,11 +132,11 @@ def run_identity(args, image):
     """Every argument that shapes the run's numbers; the photo by its pixels, the base by its contents."""
     return {"photo": hashlib.sha256(image.tobytes()).hexdigest()[:16] + f" {image.width}x{image.height}",
             "prompt": args.prompt, "patch": args.patch, "lr": args.lr, "batch": args.batch, "seed": args.seed,
-            "base": fingerprint(args.base)}
+            "lora": args.lora, "lora_convs": bool(args.lora and args.lora_convs), "base": fingerprint(args.base)}
 
 
 SHAPING = {"photo": "the photo", "prompt": "the prompt", "patch": "patch-based training", "lr": "--lr",
-           "batch": "--batch", "seed": "--seed", "base": "--base"}
+           "batch": "--batch", "seed": "--seed", "lora": "--lora", "lora_convs": "--lora-convs", "base": "--base"}
 
 
 def check_resume(args, image):
@@ -136,8 +146,9 @@ def check_resume(args, image):
         raise ValueError(f"{resume_path(args.out)} was saved by an older version of train.py and cannot be "
                          "checked: start a new run")
     saved, now, done = json.loads(metadata["run"]), run_identity(args, image), int(metadata["step"])
-    saved.setdefault("batch", 1)  # saved before --batch existed
-    shown = lambda key, value: ("on" if value else "off") if key == "patch" else repr(value)
+    for key, default in (("batch", 1), ("lora", 0), ("lora_convs", False)):  # saved before these flags existed
+        saved.setdefault(key, default)
+    shown = lambda key, value: ("on" if value else "off") if isinstance(value, bool) else repr(value)
     differ = [f"{name} is not the one it started with" if key in ("photo", "base") else
               f"{name} {shown(key, now[key])} (saved: {shown(key, saved.get(key))})"
               for key, name in SHAPING.items() if now[key] != saved.get(key)]
@@ -214,9 +225,11 @@ def load_resume_state(path, sd, optimizers, generator):
 
 
 def trainable_parameters(sd):
+    """(name, parameter) of what learns: every weight of the UNet and text encoder, or with --lora their adapters."""
     for part, module in sine.trainable_parts(sd).items():
         for name, param in module.named_parameters():
-            yield f"{part}.{name}", param
+            if param.requires_grad:
+                yield f"{part}.{name}", param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +357,16 @@ class Stop:
                    "(Ctrl-C again stops at once)", file=sys.stderr)
 
 
-def memory_hint(checkpointing):
-    # Measured on a CPU in fp32 (BENCHMARKS.md): 13.4 GB with checkpointing, 14.6 GB without.
-    if checkpointing:
-        return "fine-tuning SD v1 needs about 13.5 GB: use a machine or GPU with more memory"
-    return ("fine-tuning SD v1 needs about 14.6 GB without --grad-checkpointing: turn it on, or use a machine "
-            "or GPU with more memory")
+def memory_hint(args):
+    # Measured on a CPU in fp32 (BENCHMARKS.md), train.py's whole process: 13.7 GB with checkpointing,
+    # 14.8 GB without; with --lora 8, 5.8 GB.
+    if args.lora:
+        return "fine-tuning SD v1 with --lora needs about 5.8 GB: use a machine or GPU with more memory"
+    if args.grad_checkpointing:
+        return ("fine-tuning SD v1 needs about 13.7 GB: try --lora 8 (about 5.8 GB), or use a machine or GPU with "
+                "more memory")
+    return ("fine-tuning SD v1 needs about 14.8 GB without --grad-checkpointing: turn it on, or try --lora 8, or use a "
+            "machine or GPU with more memory")
 
 
 def load(args):
@@ -397,7 +414,11 @@ class Run:
 def prepare(args, sd, image, device):
     """Models set to train, the optimizer, the canvas and the map; the resume state if asked."""
     for module in sine.trainable_parts(sd).values():
-        module.train().requires_grad_(True)
+        module.train().requires_grad_(not args.lora)  # with --lora the base weights stay frozen
+    if args.lora:
+        adapters_start = torch.Generator().manual_seed(args.seed)
+        for part, names in lora.lora_targets(sd, args.lora_convs).items():
+            lora.add_lora(getattr(sd, part), names, args.lora, generator=adapters_start)
     sd.unet.gradient_checkpointing = args.grad_checkpointing
     # fused: one kernel per parameter, not a dozen. On a CPU it makes a toy step (toy/) a quarter faster.
     optimizers = sine.adamw_in_backward([p for _, p in trainable_parameters(sd)], args.lr, weight_decay=0.01,
@@ -423,7 +444,7 @@ def prepare(args, sd, image, device):
 def take_step(args, sd, run, step):
     """sine.training_step, with one line for the user if memory runs out or the loss diverges."""
     try:
-        with cli.out_of_memory_hint(memory_hint(args.grad_checkpointing)):
+        with cli.out_of_memory_hint(memory_hint(args)):
             return sine.training_step(sd, run.canvas, run.ids, args.patch, run.generator, run.alphas, run.full_map,
                                       run.autocast, run.sizes, args.batch)
     except sine.NonFiniteLoss as e:
@@ -440,6 +461,8 @@ def train(args, sd, image, device, stop):
         while step < args.steps and not stop.signal:  # Ctrl-C and SIGTERM end the loop between steps
             started = time.perf_counter()
             loss, t = take_step(args, sd, run, step)  # random crops, noise at random t, one AdamW update
+            if device.type == "cpu":
+                cli.return_freed_memory()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")

@@ -650,12 +650,13 @@ class NeverStop:
     signal = None
 
 
-def test_stopped_resumed_and_previewed_runs_end_alike(toy_scene, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lora", [[], ["--lora", "4"]], ids=["all-weights", "lora"])
+def test_stopped_resumed_and_previewed_runs_end_alike(toy_scene, tmp_path, monkeypatch, capsys, lora):
     """The default tier's pass through a stop, --resume and --preview-every, in-process on the toy base
     (the full tier sends real signals to real processes): a run stopped after step 1 and resumed ends
-    with every weight of a run never stopped, which drew previews on the way."""
+    with every weight of a run never stopped, which drew previews on the way. Also for a LoRA run."""
     import train
-    command = [str(toy_scene / "scene.png"), TOY_PROMPT, "--base", TOY_BASE, "--steps", "2"]
+    command = [str(toy_scene / "scene.png"), TOY_PROMPT, "--base", TOY_BASE, "--steps", "2", *lora]
     monkeypatch.setattr(train, "Stop", NeverStop)
     train.main(command + ["--out", str(tmp_path / "whole" / "scene.safetensors"), "--preview-every", "2"])
     assert [n for n in os.listdir(tmp_path / "whole") if n.endswith(".png")] == ["scene.preview-000002.png"]
@@ -675,6 +676,8 @@ def test_stopped_resumed_and_previewed_runs_end_alike(toy_scene, tmp_path, monke
             safe_open(tmp_path / "stopped" / "scene.safetensors", framework="pt") as b:
         assert a.metadata()["steps"] == b.metadata()["steps"] == "2"
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        assert any(a.get_tensor(k).abs().max() > 0 for k in a.keys() if "lora_down" not in k), "it trained"
+        assert all(("lora_" in k) == bool(lora) for k in a.keys())
     assert [r[0] for r in loss_log(tmp_path / "stopped" / "scene.loss.csv")] == ["0", "1", "2"]
 
 

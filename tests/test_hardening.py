@@ -928,6 +928,7 @@ def resume_refusals():
         (["--resume", "--lr", "1e-3"], {}, ["--lr 0.001 (saved: 0.0001)"]),
         (["--resume", "--seed", "7"], {}, ["--seed 7 (saved: 3)"]),
         (["--resume", "--batch", "2"], {}, ["--batch 2 (saved: 1)"]),
+        (["--resume", "--lora", "8"], {}, ["--lora 8 (saved: 0)"]),
         (["--resume", "--no-patch"], {}, ["patch-based training off (saved: on)"]),
         (["--resume", "--base", "{other_base}"], {}, ["--base is not the one it started with"]),
         (["--resume", "--image", "flipped.png"], {"flipped.png": other_photo}, ["the photo is not the one"]),

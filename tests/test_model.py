@@ -100,16 +100,21 @@ def _assign(module, state):
     return module.eval()
 
 
-def reference_unet(cfg, path):
+def unconfigured_unet(cfg):
+    """diffusers' UNet in cfg's sizes, on the meta device: no weights yet."""
     widths = [cfg.model_channels * m for m in cfg.channel_mult]
     levels = range(len(widths))
     with torch.device("meta"):  # skip the random init of 860 M parameters; the file fills them
-        ref = UNet2DConditionModel(
+        return UNet2DConditionModel(
             in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=widths,
             down_block_types=["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels],
             up_block_types=["CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels)],
             layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
             attention_head_dim=cfg.num_heads)  # diffusers' historical name for the number of heads
+
+
+def reference_unet(cfg, path):
+    ref = unconfigured_unet(cfg)
     return _assign(ref, convert_ldm_unet_checkpoint(read_part(path, PREFIXES["unet"]), dict(ref.config)))
 
 

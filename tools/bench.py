@@ -9,7 +9,8 @@ Four benchmarks, each timed for our code and for the same work written with diff
   unet   one UNet forward, batch 2, 64x64 latents: the batch of every DDIM step of an edit
   edit   a whole SINE edit (prompts, DDIM with model-based guidance, K=400, v=0.7, VAE decode)
   train  one fine-tuning step: batch 1, a 512x512 crop, UNet and text encoder trainable, AdamW
-         (and `trainpy`: train.py itself for two steps, for the whole process's peak memory)
+         (and `trainpy`: train.py itself for two steps, for the whole process's peak memory),
+         also as train.py --lora 8 trains: rank-8 adapters on frozen weights
   load   an fp16 checkpoint loaded into fp32 modules
 
 plus `vae`: the tiled VAE decode against the untiled one (time, peak memory, drift), and with
@@ -62,6 +63,7 @@ class Job:
     sdpa: bool = True
     grad_checkpointing: bool = False
     adamw_after_backward: bool = False  # the old training step: every gradient kept until optimizer.step()
+    lora: int = 0               # train and trainpy: the rank of train.py --lora (0: every weight learns)
     tiled: bool = False
     tiny: bool = False          # the tiny test model instead of SD v1 size: checks bench.py itself
     size: int = 512             # image side in pixels (edit, vae, big)
@@ -73,7 +75,8 @@ class Job:
         switches = [s for s, on in (("bf16", self.bf16), ("channels_last", self.channels_last),
                                     ("compile", self.compile), ("no-sdpa", not self.sdpa),
                                     ("grad-ckpt", self.grad_checkpointing), ("tiled", self.tiled),
-                                    ("adamw-after-backward", self.adamw_after_backward)) if on]
+                                    ("adamw-after-backward", self.adamw_after_backward),
+                                    (f"lora{self.lora}", self.lora)) if on]
         return f"{self.bench}/{self.side}/" + ("+".join(switches) or "fp32")
 
 
@@ -234,20 +237,28 @@ def ours_train(job, device):
     was before AdamW moved into backward: one AdamW over all parameters once every gradient is in."""
     import cli
     import sine
+    from model import lora
     sd = ours_load(job, device)
     params = [p for module in sine.trainable_parts(sd).values() for p in module.train().requires_grad_(True).parameters()]
+    if job.lora:  # as train.py --lora: the base frozen, adapters learn
+        for module in sine.trainable_parts(sd).values():
+            module.requires_grad_(False)
+        params = [p for part, names in lora.lora_targets(sd).items()
+                  for p in lora.add_lora(getattr(sd, part), names, job.lora, generator=torch.Generator())]
     sd.unet.gradient_checkpointing = job.grad_checkpointing
     if job.adamw_after_backward:
         optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
         time_optimizer(optimizer, device, ADAMW_TIMES)
     else:
-        sine.adamw_in_backward(params, lr=1e-6, weight_decay=0.01, fused=True)  # as train.py
+        sine.adamw_in_backward(params, lr=1e-4 if job.lora else 1e-6, weight_decay=0.01, fused=True)  # as train.py
     cli.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
     region = cli.bf16_autocast(device, job.bf16)
 
     def step():
         loss, _ = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
+        if device.type == "cpu":
+            cli.return_freed_memory()  # as train.py
         if job.adamw_after_backward:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -542,7 +553,7 @@ def trainpy_worker(job, result):
     command = [sys.executable, os.path.join(HERE, "train.py"), photo, PROMPT, "--base", job.files["fp32"],
                "--steps", "2", "--out", out, "--overwrite", "--device", job.device,
                "--grad-checkpointing" if job.grad_checkpointing else "--no-grad-checkpointing",
-               "--bf16" if job.bf16 else "--no-bf16"]
+               "--bf16" if job.bf16 else "--no-bf16", "--lora", str(job.lora)]
     start = time.perf_counter()
     with open(os.path.join(job.files["dir"], "trainpy.log"), "w") as log:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
@@ -665,6 +676,8 @@ def plan(args):
     if cuda or not quick:
         add("train", bf16=not cuda, grad_checkpointing=True)
     add("trainpy", ("ours",), repeats=1, warmup=0, bf16=cuda, grad_checkpointing=True)
+    add("train", ("ours",), repeats=2 if quick else 3, bf16=cuda, grad_checkpointing=True, lora=8)
+    add("trainpy", ("ours",), repeats=1, warmup=0, bf16=cuda, grad_checkpointing=True, lora=8)
     if not quick:
         add("trainpy", ("ours",), repeats=1, warmup=0, bf16=cuda, grad_checkpointing=False)
     # (d) loading, from the OS file cache; each run in its own process

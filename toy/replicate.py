@@ -47,6 +47,9 @@ WIDE, NATIVE = (WIDTH, HEIGHT), (world.SIZE, world.SIZE)  # (width, height): eff
 # fidelity poor (Sec. 4.3), and the toy's outputs mostly lose the shape. 0.5 is the lowest v the
 # paper edits with (Fig. 19).
 K_SWEEP = (0, 200, 400, 600, 800, 1000)
+# Learning rates (every weight, LoRA adapters), measured on the toy: see toy/README.md.
+PATCH_LR = (4e-4, 3e-3)
+LR = (2e-4, 3e-3)
 V_SWEEP = (0.5, 0.7, 0.9, 1.0)
 
 
@@ -109,7 +112,7 @@ def experiments(args, seed, scene, target, folder):
     def train(name, size, *flags):
         return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base,
                    "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite",
-                   "--no-grad-checkpointing", *flags, threads=one_core)[-1]
+                   "--no-grad-checkpointing", "--lora", args.lora, *flags, threads=one_core)[-1]
 
     base, asked = ["--base", args.base], ["--target", prompt(target)]
     with ThreadPoolExecutor(1) as pool:
@@ -259,17 +262,22 @@ def main(argv=None):
     p.add_argument("--base", default=TOY_BASE)
     p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps with patches (train.py --steps)")
     p.add_argument("--batch", type=int, default=4, help="crops a step with patches (train.py --batch; the paper's 1)")
-    p.add_argument("--patch-lr", type=float, default=4e-4, help="learning rate with patches")
+    p.add_argument("--patch-lr", type=float, help=f"learning rate with patches (default {PATCH_LR[0]:g}; with --lora "
+                                                  f"{PATCH_LR[1]:g})")
     p.add_argument("--nopatch-steps", type=int, default=200, help="fine-tuning steps with --no-patch (effect 1)")
     p.add_argument("--guidance-steps", type=int, default=800,
                    help="fine-tuning steps of effect 2's --no-patch model at 1:1 (the paper's 800, Sec. 4.2)")
-    p.add_argument("--lr", type=float, default=2e-4,
-                   help="learning rate with --no-patch (the paper's 1e-6 is for SD v1)")
+    p.add_argument("--lr", type=float, help=f"learning rate with --no-patch (default {LR[0]:g}; with --lora "
+                                            f"{LR[1]:g}; the paper's 1e-6 is for SD v1)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="fine-tune every model through train.py --lora RANK (0: every weight, the paper's)")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=8, help="edits per setting, with seeds 0, 1, ...")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
                    help="the K and v sweeps of effect 3 (--no-sweeps: effects 1 and 2 only)")
     args = p.parse_args(argv)
+    args.patch_lr = args.patch_lr or PATCH_LR[args.lora > 0]
+    args.lr = args.lr or LR[args.lora > 0]
     if not os.path.isfile(args.base):
         sys.exit(f"error: {args.base} is missing: it is committed with the project, or made by python -m toy.pretrain")
     start = time.time()
