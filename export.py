@@ -110,7 +110,7 @@ def kohya_adapters(path, base, dtype):
             layer, side, _ = key[len(PREFIXES[part]):].rsplit(".", 2)  # ..., lora_down or lora_up, weight
             kohya = names[part](layer).replace(".", "_")
             weights[f"{kohya}.{side}.weight"] = f.get_tensor(key).to(dtype)
-            weights[f"{kohya}.alpha"] = alpha
+            weights[f"{kohya}.alpha"] = alpha  # one per layer, as kohya's files have it
     return weights
 
 
