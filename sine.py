@@ -413,18 +413,13 @@ def apply_finetuned(sd, path):
 
 
 def merge_adapters(sd, f, alpha):
-    """Adapt the layers that the open file f has adapters for, load them, and fold them into the weights."""
-    suffix = ".lora_down.weight"
+    """Fold the open file f's adapters into the weights of the layers they adapt: W += (alpha / rank) B A."""
     for part, module in trainable_parts(sd).items():
-        names = [key[len(PREFIXES[part]):-len(suffix)] for key in f.keys()
-                 if key.startswith(PREFIXES[part]) and key.endswith(suffix)]
-        if not names:
-            continue
-        rank = f.get_slice(PREFIXES[part] + names[0] + suffix).get_shape()[0]
-        lora.add_lora(module, names, rank, alpha)
-        with torch.no_grad():
-            for name, layer in lora.adapters(module).items():
-                for side in ("lora_down", "lora_up"):
-                    getattr(layer, side).weight.copy_(f.get_tensor(f"{PREFIXES[part]}{name}.{side}.weight"))
-        lora.merge(module)
+        for key in f.keys():
+            if key.startswith(PREFIXES[part]) and key.endswith(".lora_down.weight"):
+                name = key[len(PREFIXES[part]):-len(".lora_down.weight")]
+                down, up = f.get_tensor(key), f.get_tensor(f"{PREFIXES[part]}{name}.lora_up.weight")
+                weight = module.get_submodule(name).weight
+                with torch.no_grad():
+                    weight += lora.delta(up.to(weight), down.to(weight), alpha / down.shape[0], weight.shape)
     return sd

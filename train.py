@@ -414,11 +414,9 @@ class Run:
 def prepare(args, sd, image, device):
     """Models set to train, the optimizer, the canvas and the map; the resume state if asked."""
     for module in sine.trainable_parts(sd).values():
-        module.train().requires_grad_(not args.lora)  # with --lora the base weights stay frozen
-    if args.lora:
-        adapters_start = torch.Generator().manual_seed(args.seed)
-        for part, names in lora.lora_targets(sd, args.lora_convs).items():
-            lora.add_lora(getattr(sd, part), names, args.lora, generator=adapters_start)
+        module.train().requires_grad_(True)
+    if args.lora:  # the base weights stay frozen
+        lora.adapt(sd, args.lora, args.lora_convs, generator=torch.Generator().manual_seed(args.seed))
     sd.unet.gradient_checkpointing = args.grad_checkpointing
     # fused: one kernel per parameter, not a dozen. On a CPU it makes a toy step (toy/) a quarter faster.
     optimizers = sine.adamw_in_backward([p for _, p in trainable_parameters(sd)], args.lr, weight_decay=0.01,

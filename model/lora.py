@@ -69,11 +69,19 @@ def add_lora(module, names, rank, alpha=None, generator=None):
     return params
 
 
-def delta(layer):
+def adapt(sd, rank, convs=True, generator=None):
+    """Freeze sd's UNet and text encoder and adapt the layers of lora_targets; returns the adapters'
+    parameters (A drawn by generator, the UNet's first)."""
+    params = []
+    for part, names in lora_targets(sd, convs).items():
+        params += add_lora(getattr(sd, part).requires_grad_(False), names, rank, generator=generator)
+    return params
+
+
+def delta(up, down, scale, shape):
     """B A, scaled, in W's shape: what the side path adds to W."""
-    up, down = layer.lora_up.weight, layer.lora_down.weight
     product = up.flatten(1) @ down.flatten(1)                    # (out, in * kh * kw)
-    return (product * layer.lora_scale).view_as(layer.weight)
+    return (product * scale).view(shape)
 
 
 @torch.no_grad()
@@ -81,7 +89,8 @@ def merge(module):
     """Fold every adapter of module into its layer's weight and remove it: a plain model again."""
     for layer in module.modules():
         if hasattr(layer, "lora_hook"):
-            layer.weight += delta(layer).to(layer.weight)
+            up, down = layer.lora_up.weight, layer.lora_down.weight
+            layer.weight += delta(up, down, layer.lora_scale, layer.weight.shape).to(layer.weight)
             layer.lora_hook.remove()
             del layer.lora_down, layer.lora_up, layer.lora_scale, layer.lora_hook
     return module

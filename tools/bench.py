@@ -241,10 +241,7 @@ def ours_train(job, device):
     sd = ours_load(job, device)
     params = [p for module in sine.trainable_parts(sd).values() for p in module.train().requires_grad_(True).parameters()]
     if job.lora:  # as train.py --lora: the base frozen, adapters learn
-        for module in sine.trainable_parts(sd).values():
-            module.requires_grad_(False)
-        params = [p for part, names in lora.lora_targets(sd).items()
-                  for p in lora.add_lora(getattr(sd, part), names, job.lora, generator=torch.Generator())]
+        params = lora.adapt(sd, job.lora, generator=torch.Generator())
     sd.unet.gradient_checkpointing = job.grad_checkpointing
     if job.adamw_after_backward:
         optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
