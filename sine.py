@@ -401,24 +401,29 @@ def apply_finetuned(sd, path):
     """Add a fine-tuned file's differences, or its merged adapters, onto sd's UNet and text encoder, in place."""
     with safe_open(path, framework="pt") as f:
         if "lora_alpha" in f.metadata():
-            return merge_adapters(sd, f, float(f.metadata()["lora_alpha"]))
+            return merge_adapters(sd, f, float(f.metadata()["lora_alpha"]), path)
         for part, module in trainable_parts(sd).items():
             for name, weight in module.state_dict().items():
-                delta = f.get_tensor(PREFIXES[part] + name)
-                if not torch.isfinite(delta).all():
-                    raise ValueError(f"{path} holds nan or inf values ({PREFIXES[part] + name}): its training "
-                                     "diverged; fine-tune again with a lower --lr")
-                weight += delta.to(weight)
+                weight += read_finite(f, PREFIXES[part] + name, path).to(weight)
     return sd
 
 
-def merge_adapters(sd, f, alpha):
+def read_finite(f, key, path):
+    """One tensor of the open file f; a diverged run's nan or inf is refused with what to do."""
+    tensor = f.get_tensor(key)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{path} holds nan or inf values ({key}): its training diverged; fine-tune again "
+                         "with a lower --lr")
+    return tensor
+
+
+def merge_adapters(sd, f, alpha, path):
     """Fold the open file f's adapters into the weights of the layers they adapt: W += (alpha / rank) B A."""
     for part, module in trainable_parts(sd).items():
         for key in f.keys():
             if key.startswith(PREFIXES[part]) and key.endswith(".lora_down.weight"):
                 name = key[len(PREFIXES[part]):-len(".lora_down.weight")]
-                down, up = f.get_tensor(key), f.get_tensor(f"{PREFIXES[part]}{name}.lora_up.weight")
+                down, up = read_finite(f, key, path), read_finite(f, f"{PREFIXES[part]}{name}.lora_up.weight", path)
                 weight = module.get_submodule(name).weight
                 with torch.no_grad():
                     weight += lora.delta(up.to(weight), down.to(weight), alpha / down.shape[0], weight.shape)

@@ -101,6 +101,24 @@ def test_the_file_holds_the_adapters_alone_and_merges_to_the_trained_model(base_
     assert all(torch.equal(expected[k], loaded[k]) for k in expected)
 
 
+def test_a_lora_file_with_nan_is_refused_as_a_full_one_is(base_path, tmp_path, one_thread):
+    """A diverged adapter would turn every merged weight it touches into nan: edit.py must say so, not
+    render noise. The message is apply_finetuned's for full files (test_hardening runs it through edit.py)."""
+    from safetensors.torch import load_file, save_file
+    sd, params = adapted(base_path, rank=2)
+    one_step(sd, params)
+    path, broken = str(tmp_path / "lora.safetensors"), str(tmp_path / "broken.safetensors")
+    sine.save_finetuned(path, sd, base_path, {"prompt": PROMPT})
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if ".lora_up." in k)[0]
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, broken, metadata=metadata)
+    with pytest.raises(ValueError, match=f"broken.safetensors holds nan or inf values \\({key}\\)"):
+        sine.apply_finetuned(load_sd(base_path), broken)
+
+
 def test_export_loads_in_diffusers_and_matches_our_merged_model(base_path, tmp_path, one_thread):
     """export.py --lora, loaded by diffusers' own kohya conversion and PEFT onto diffusers' UNet and
     transformers' CLIP (the same tiny base), gives our merged model's outputs."""
