@@ -419,10 +419,11 @@ def read_finite(f, key, path):
 
 def merge_adapters(sd, f, alpha, path):
     """Fold the open file f's adapters into the weights of the layers they adapt: W += (alpha / rank) B A."""
+    suffix = ".lora_down.weight"
     for part, module in trainable_parts(sd).items():
         for key in f.keys():
-            if key.startswith(PREFIXES[part]) and key.endswith(".lora_down.weight"):
-                name = key[len(PREFIXES[part]):-len(".lora_down.weight")]
+            if key.startswith(PREFIXES[part]) and key.endswith(suffix):
+                name = key[len(PREFIXES[part]):-len(suffix)]
                 down, up = read_finite(f, key, path), read_finite(f, f"{PREFIXES[part]}{name}.lora_up.weight", path)
                 weight = module.get_submodule(name).weight
                 with torch.no_grad():
