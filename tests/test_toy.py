@@ -1,5 +1,6 @@
 """The toy world (toy/): its scoring functions, the sizes that follow the base model, the toy base
 itself, and a reduced replication of the paper's effects 1 and 2."""
+import argparse
 import json
 import os
 import random
@@ -71,6 +72,34 @@ def test_a_sweeps_trend_is_spearmans_correlation_over_its_outputs():
     fidelity_trend, edit_trend = trend(rows, "K sweep", "K")
     assert edit_trend == pytest.approx(1.0) and -1 < fidelity_trend < -0.9
     assert trend(rows[::-1], "K sweep", "K") == pytest.approx((fidelity_trend, edit_trend))
+
+
+def test_the_sweeps_reuse_effect_1s_edits_and_make_every_other_setting_once(tmp_path, monkeypatch):
+    """Both sweeps pass through effect 1's setting (edit.py's K = 400, v = 0.7): those edits are the
+    same images, so they are made once, and no edit is made twice."""
+    from toy import replicate
+    made, trained = [], []  # (model, K, v, seed) of every edit that edit.py was asked for; the models
+
+    def fake_run(script, *args, threads=None):
+        args = list(map(str, args))
+        if script != "edit.py":
+            trained.append(str(tmp_path / f"{script}-{len(trained)}.safetensors"))
+            return trained[-1:]
+        flag = lambda name, default: args[args.index(name) + 1] if name in args else default
+        model = (flag("--base", ""), flag("--finetuned", ""), flag("--width", ""))
+        runs = [(K, v, seed) for K in flag("--K", "400").split(",") for v in flag("--v", "0.7").split(",")
+                for seed in range(int(flag("--n", "1")))]
+        made.extend((model, *run) for run in runs)
+        return [f"{K}-{v}-{seed}.png" for K, v, seed in runs]
+
+    monkeypatch.setattr(replicate, "run", fake_run)
+    options = argparse.Namespace(samples=3, ddim_steps=25, base=TOY_BASE, steps=1, batch=4,
+                                 patch_lr=4e-4, nopatch_steps=1, guidance_steps=1, lr=2e-4, lora=0, sweeps=True)
+    scene_, target = replicate.source_and_target(1)
+    found = replicate.experiments(options, 1, scene_, target, str(tmp_path))
+    assert len(made) == len(set(made))
+    assert {f"{K}-0.7-{seed}.png" for K in replicate.K_SWEEP for seed in range(3)} == set(found["K sweep"])
+    assert {f"400-{v}-{seed}.png" for v in replicate.V_SWEEP for seed in range(3)} == set(found["v sweep"])
 
 
 def test_components_counts_separate_objects():
