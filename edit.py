@@ -44,8 +44,8 @@ def parse_args(argv=None):
                         'prompt); one per --finetuned file. Content removal (Sec. 4.4) gives "a [*] dog" here')
     p.add_argument("--base", help="SD v1 .safetensors (default: the file in weights/ that the fine-tuned file was "
                                   "made from; with --finetuned none, the one SD v1 file there)")
-    p.add_argument("--K", default="400", help="guide with the fine-tuned model while t > K (0..1000); a list sweeps")
-    p.add_argument("--v", default="0.7", help="share of the pre-trained prediction (0..1); a list sweeps")
+    p.add_argument("--K", default=str(sine.Guide.K), help="guide with the fine-tuned model while t > K (0..1000); a list sweeps")
+    p.add_argument("--v", default=str(sine.Guide.v), help="share of the pre-trained prediction (0..1); a list sweeps")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance weight w")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")

@@ -75,9 +75,11 @@ def test_a_sweeps_trend_is_spearmans_correlation_over_its_outputs():
 
 
 def test_the_sweeps_reuse_effect_1s_edits_and_make_every_other_setting_once(tmp_path, monkeypatch):
-    """Both sweeps pass through effect 1's setting (edit.py's K = 400, v = 0.7): those edits are the
+    """Both sweeps pass through effect 1's setting (edit.py's default K and v): those edits are the
     same images, so they are made once, and no edit is made twice."""
+    import edit
     from toy import replicate
+    defaults = edit.parse_args([])
     made, trained = [], []  # (model, K, v, seed) of every edit that edit.py was asked for; the models
 
     def fake_run(script, *args, threads=None):
@@ -87,7 +89,7 @@ def test_the_sweeps_reuse_effect_1s_edits_and_make_every_other_setting_once(tmp_
             return trained[-1:]
         flag = lambda name, default: args[args.index(name) + 1] if name in args else default
         model = (flag("--base", ""), flag("--finetuned", ""), flag("--width", ""))
-        runs = [(K, v, seed) for K in flag("--K", "400").split(",") for v in flag("--v", "0.7").split(",")
+        runs = [(K, v, seed) for K in flag("--K", defaults.K).split(",") for v in flag("--v", defaults.v).split(",")
                 for seed in range(int(flag("--n", "1")))]
         made.extend((model, *run) for run in runs)
         return [f"{K}-{v}-{seed}.png" for K, v, seed in runs]
@@ -98,8 +100,8 @@ def test_the_sweeps_reuse_effect_1s_edits_and_make_every_other_setting_once(tmp_
     scene_, target = replicate.source_and_target(1)
     found = replicate.experiments(options, 1, scene_, target, str(tmp_path))
     assert len(made) == len(set(made))
-    assert {f"{K}-0.7-{seed}.png" for K in replicate.K_SWEEP for seed in range(3)} == set(found["K sweep"])
-    assert {f"400-{v}-{seed}.png" for v in replicate.V_SWEEP for seed in range(3)} == set(found["v sweep"])
+    assert {f"{K}-{defaults.v}-{seed}.png" for K in replicate.K_SWEEP for seed in range(3)} == set(found["K sweep"])
+    assert {f"{defaults.K}-{v}-{seed}.png" for v in replicate.V_SWEEP for seed in range(3)} == set(found["v sweep"])
 
 
 def test_components_counts_separate_objects():

@@ -51,7 +51,7 @@ K_SWEEP = (0, 200, 400, 600, 800, 1000)
 PATCH_LR = (4e-4, 3e-3)
 LR = (2e-4, 3e-3)
 V_SWEEP = (0.5, 0.7, 0.9, 1.0)
-K_EDIT, V_EDIT = 400, 0.7  # edit.py's defaults, which effects 1 and 2 use
+K_EDIT, V_EDIT = sine.Guide.K, sine.Guide.v  # edit.py's defaults, which effects 1 and 2 use
 
 
 def run(script, *args, threads=None):
