@@ -1375,9 +1375,9 @@ def test_the_finetuned_model_samples_with_the_prompt_it_is_given(root, tmp_path,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     contexts = []
-    real_guide = sine.Guide
-    monkeypatch.setattr(sine, "Guide", lambda unet, context, *a, **k: contexts.append(context) or
-                        real_guide(unet, context, *a, **k))
+    real_init = sine.Guide.__init__
+    monkeypatch.setattr(sine.Guide, "__init__", lambda self, unet, context, *a, **k: contexts.append(context) or
+                        real_init(self, unet, context, *a, **k))
     edit.main(["--target", "a castle", "--finetuned", os.path.join(root, "finetuned.safetensors"),
                "--finetuned-prompt", "a [*] tower", "--steps", "1", "--height", "64", "--width", "64"])
     (path,) = capsys.readouterr().out.split()
