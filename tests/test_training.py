@@ -165,6 +165,50 @@ def test_adamw_in_backward_is_bitwise_torch_adamw(base_path, fused, checkpointin
     assert moved > 0.5 * lr  # it trained
 
 
+@pytest.mark.skipif(not fused_on_cpu_available(), reason="no fused AdamW on this CPU build")
+def test_train_py_steps_a_small_model_after_backward_to_the_same_weights(base_path, tmp_path, monkeypatch):
+    """train.py frees large gradients during backward and keeps a small model's for one AdamW after it:
+    the same run both ways gives the same weights and AdamW state at every save, bitwise."""
+    import signal
+    import train
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # train.main must not take over pytest's Ctrl-C
+    Image.fromarray((np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
+    in_backward, saves = [], []
+    real_adamw_in_backward, real_save = sine.adamw_in_backward, train.save
+    monkeypatch.setattr(sine, "adamw_in_backward", lambda *a, **k: in_backward.append(True) or real_adamw_in_backward(*a, **k))
+
+    def recording_save(args, sd, optimizers, *rest):
+        saves.append({name: (p.detach().clone(), {k: v.clone() for k, v in optimizers[p].state[p].items()})
+                      for name, p in train.trainable_parameters(sd)})
+        return real_save(args, sd, optimizers, *rest)
+    monkeypatch.setattr(train, "save", recording_save)
+    for small in (train.SMALL, 0):  # the tiny model is small; with SMALL = 0, nothing is
+        monkeypatch.setattr(train, "SMALL", small)
+        train.main([str(tmp_path / "photo.png"), PROMPT, "--base", base_path, "--steps", "3", "--save-every", "2",
+                    "--lr", "1e-3", "--out", str(tmp_path / f"small-{small}.safetensors"), "--no-grad-checkpointing"])
+    assert in_backward == [True], "only the run with SMALL = 0 steps in backward"
+    assert len(saves) == 4  # steps 2 (with a resume state) and 3, each way
+    for after, during in zip(saves[:2], saves[2:]):
+        assert after.keys() == during.keys()
+        for name, (weight, state) in after.items():
+            assert torch.equal(weight, during[name][0]), name
+            assert state.keys() == during[name][1].keys() == {"step", "exp_avg", "exp_avg_sq"}
+            assert all(torch.equal(state[k], during[name][1][k]) for k in state), name
+    base = load_sd(base_path).unet.state_dict()
+    assert not torch.equal(saves[-1]["unet.out.2.weight"][0], base["out.2.weight"]), "it trained"
+
+
+def test_gradient_checkpointing_is_on_by_default_for_a_large_model_only(base_path, monkeypatch):
+    import train
+    for small, expected in ((train.SMALL, False), (0, True)):  # the tiny model is small; with SMALL = 0, nothing is
+        monkeypatch.setattr(train, "SMALL", small)
+        args = train.parse_args(["photo.png", PROMPT, "--base", base_path])
+        args.unfinished = None
+        sd = load_sd(base_path)
+        train.prepare(args, sd, Image.new("RGB", (64, 64)), torch.device("cpu"))
+        assert sd.unet.gradient_checkpointing is args.grad_checkpointing is expected
+
+
 # ---------------------------------------------------------------------------------------------
 # Divergence
 
