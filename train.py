@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward: a lower peak, at little cost (default: on for SD v1; "
-                        "off for a small base such as the toy, which fits anyway and would pay a quarter of a step)")
+                        "off for a small base such as the toy, which fits anyway and whose steps it slows by a "
+                        "third or more)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="forward and backward in bfloat16 autocast; weights and AdamW state stay fp32 "
                         "(default: on with a GPU of compute capability 8.0 or newer, off elsewhere)")
@@ -428,8 +429,8 @@ def make_optimizers(params, lr):
 
     Large gradients are freed one by one during backward (sine.adamw_in_backward). Small ones are
     kept for one AdamW over all of them after backward: the same arithmetic, bitwise, without an
-    optimizer call for each of hundreds of parameters, which costs a toy step a quarter of its time."""
-    # fused: one kernel per parameter, not a dozen. On a CPU it makes a toy step a quarter faster.
+    optimizer call for each of hundreds of parameters, which made a toy step on a CPU 20-30% slower
+    (BENCHMARKS.md). fused: one kernel, not a dozen, for each update: a toy step a quarter faster."""
     if not small(params):
         return sine.adamw_in_backward(params, lr, weight_decay=0.01, fused=True), None
     after_backward = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
