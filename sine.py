@@ -234,7 +234,8 @@ class NonFiniteLoss(ArithmeticError):
 def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1,
                   batch=1):
     """One step on `batch` examples (the paper's is one): forward, then backward, during which
-    adamw_in_backward (set up once beforehand) updates the weights. Both the UNet and the text encoder
+    adamw_in_backward (set up once beforehand) updates the weights; without it, backward leaves the
+    gradients for the caller's optimizer (train.py's way on a small model). Both the UNet and the text encoder
     learn, as in the authors' code; the VAE is frozen.
     Returns the loss and the timesteps it was drawn at (train.py logs both).
 
