@@ -559,9 +559,10 @@ def test_help_shows_every_default(workdir, monkeypatch):
                 shown = parser._get_formatter()._get_help_string(action)
                 assert "default" in shown, f"{module.__name__} {action.option_strings[0]}: {shown!r}"
     monkeypatch.undo()
-    for script, default in [("edit.py", "400"), ("edit.py", "0.7"), ("edit.py", "7.5"), ("edit.py", "50"),
-                            ("train.py", "1e-06"), ("train.py", "0")]:
-        assert f"(default: {default})" in " ".join(run(workdir, script, "--help").stdout.split()), (script, default)
+    for script, defaults in [("edit.py", ("400", "0.7", "7.5", "50")), ("train.py", ("1e-06", "0"))]:
+        shown = " ".join(run(workdir, script, "--help").stdout.split())  # one process a script: each imports torch
+        for default in defaults:
+            assert f"(default: {default})" in shown, (script, default)
 
 
 def test_grid_labels_sit_above_the_images(sweep):

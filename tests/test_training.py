@@ -133,11 +133,11 @@ def test_adamw_in_backward_is_bitwise_torch_adamw(base_path, fused, checkpointin
 
     ours = trainable_model(base_path, checkpointing)
     optimizers = sine.adamw_in_backward(trainable(ours), lr, weight_decay=0.01, fused=fused)
-    most_gradients = [0]
+    most_gradients, params = [0], trainable(ours)
 
     def count(_):  # runs after adamw_in_backward's hook: how many gradients are alive right now
-        most_gradients[0] = max(most_gradients[0], sum(p.grad is not None for p in trainable(ours)))
-    for p in trainable(ours):
+        most_gradients[0] = max(most_gradients[0], sum(p.grad is not None for p in params))
+    for p in params:
         p.register_post_accumulate_grad_hook(count)
     g = torch.Generator().manual_seed(0)
     our_losses = [sine.training_step(ours, canvas(), ids, True, g, alphas_cumprod(), full_map)[0]
