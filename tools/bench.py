@@ -233,10 +233,11 @@ def ours_edit(job, device):
 
 
 def ours_train(job, device):
-    """What train.py's main does per step (patch mode). With job.adamw_after_backward, the step as it
-    was before AdamW moved into backward: one AdamW over all parameters once every gradient is in."""
+    """What train.py's main does per step (patch mode). With job.adamw_after_backward, SD v1's step as
+    it was before AdamW moved into backward: one AdamW over all parameters once every gradient is in."""
     import cli
     import sine
+    import train
     from model import lora
     sd = ours_load(job, device)
     params = [p for module in sine.trainable_parts(sd).values() for p in module.train().requires_grad_(True).parameters()]
@@ -246,8 +247,8 @@ def ours_train(job, device):
     if job.adamw_after_backward:
         optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
         time_optimizer(optimizer, device, ADAMW_TIMES)
-    else:
-        sine.adamw_in_backward(params, lr=1e-4 if job.lora else 1e-6, weight_decay=0.01, fused=True)  # as train.py
+    else:  # as train.py: AdamW in backward for SD v1's weights, after it for small ones (LoRA's adapters)
+        _, optimizer = train.make_optimizers(params, lr=1e-4 if job.lora else 1e-6)
     cli.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
     region = cli.bf16_autocast(device, job.bf16)
@@ -256,7 +257,7 @@ def ours_train(job, device):
         loss, _ = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
         if device.type == "cpu":
             cli.return_freed_memory()  # as train.py
-        if job.adamw_after_backward:
+        if optimizer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
