@@ -257,7 +257,7 @@ def ours_train(job, device):
         loss, _ = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
         if device.type == "cpu":
             cli.return_freed_memory()  # as train.py
-        if optimizer:
+        if optimizer is not None:  # train.py steps it after backward; in-backward AdamW needs no call
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
