@@ -101,7 +101,8 @@ def experiments(args, seed, scene, target, folder):
     as a complete checkpoint. Effect 3 sweeps the patch model's K and v at 2:1.
 
     The patch model's steps take longest: it trains on one core while the other trains the two
-    --no-patch models and makes their edits; the patch model's edits are then split over both cores.
+    --no-patch models and makes their edits; with the sweeps, the patch model's edits are then split
+    over both cores.
     (A toy step is too small to keep two cores busy: measured, 0.28 s a step on one thread, 0.30 s on
     two.)
     No gradient checkpointing: the toy fits in memory, and recomputing activations would only cost
