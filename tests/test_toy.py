@@ -76,7 +76,8 @@ def test_a_sweeps_trend_is_spearmans_correlation_over_its_outputs():
 
 def test_the_sweeps_reuse_effect_1s_edits_and_make_every_other_setting_once(tmp_path, monkeypatch):
     """Both sweeps pass through effect 1's setting (edit.py's default K and v): those edits are the
-    same images, so they are made once, and no edit is made twice."""
+    same images, so they are made once, and no edit is made twice. The sweeps take fewer samples a
+    setting than effect 1, the same seeds at every setting."""
     import edit
     from toy import replicate
     defaults = edit.parse_args([])
@@ -95,13 +96,14 @@ def test_the_sweeps_reuse_effect_1s_edits_and_make_every_other_setting_once(tmp_
         return [f"{K}-{v}-{seed}.png" for K, v, seed in runs]
 
     monkeypatch.setattr(replicate, "run", fake_run)
-    options = argparse.Namespace(samples=3, ddim_steps=25, base=TOY_BASE, steps=1, batch=4,
+    options = argparse.Namespace(samples=3, sweep_samples=2, ddim_steps=25, base=TOY_BASE, steps=1, batch=4,
                                  patch_lr=4e-4, nopatch_steps=1, guidance_steps=1, lr=2e-4, lora=0, sweeps=True)
     scene_, target = replicate.source_and_target(1)
     found = replicate.experiments(options, 1, scene_, target, str(tmp_path))
     assert len(made) == len(set(made))
-    assert {f"{K}-{defaults.v}-{seed}.png" for K in replicate.K_SWEEP for seed in range(3)} == set(found["K sweep"])
-    assert {f"{defaults.K}-{v}-{seed}.png" for v in replicate.V_SWEEP for seed in range(3)} == set(found["v sweep"])
+    assert [f"{defaults.K}-{defaults.v}-{seed}.png" for seed in range(3)] == found["SINE, patch model"]
+    assert {f"{K}-{defaults.v}-{seed}.png" for K in replicate.K_SWEEP for seed in range(2)} == set(found["K sweep"])
+    assert {f"{defaults.K}-{v}-{seed}.png" for v in replicate.V_SWEEP for seed in range(2)} == set(found["v sweep"])
 
 
 def test_components_counts_separate_objects():

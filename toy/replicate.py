@@ -1,6 +1,6 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: 8 minutes a seed on 2 CPU cores (Intel Xeon)
+    python -m toy.replicate                  # seed 1: 6-8 minutes a seed on 2 cores of an Intel Xeon
     python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
 For each seed: draw a 2:1 scene ("a plain red circle on a white background", 128 x 64 pixels),
@@ -83,9 +83,9 @@ def prompt(scene, identifier=False):
     return scene.caption().replace(f" {scene.shape} ", " [*] ") if identifier else scene.caption()
 
 
-def sample(args, folder, size, *flags, threads=None):
-    """edit.py's PNGs (not its grid): args.samples seeds at size (width, height)."""
-    printed = run("edit.py", "--steps", args.ddim_steps, "--width", size[0], "--height", size[1], "--n", args.samples,
+def sample(args, folder, size, *flags, threads=None, n=None):
+    """edit.py's PNGs (not its grid): n seeds (default args.samples) at size (width, height)."""
+    printed = run("edit.py", "--steps", args.ddim_steps, "--width", size[0], "--height", size[1], "--n", n or args.samples,
                   "--seed", 0, "--out", os.path.join(folder, "edits"), "--no-bf16", *flags, threads=threads)
     return [p for p in printed if not p.endswith("-grid.png")]
 
@@ -138,15 +138,16 @@ def experiments(args, seed, scene, target, folder):
         return found
     # Its edits, split over the cores: two processes, each with half of them and half the cores, make
     # them 1.5-1.7 times as fast as one with all (a toy sample keeps two threads only partly busy).
+    n = min(args.sweep_samples, args.samples)
     with ThreadPoolExecutor(1) as pool:
         K_sweep = pool.submit(sample, args, folder, WIDE, *patch, "--K", ",".join(str(K) for K in K_SWEEP if K != K_EDIT),
-                              threads=one_core)
+                              threads=one_core, n=n)
         found["SINE, patch model"] = sample(args, folder, WIDE, *patch, threads=one_core)
         v_sweep = sample(args, folder, WIDE, *patch, "--v", ",".join(str(v) for v in V_SWEEP if v != V_EDIT),
-                         threads=one_core)
+                         threads=one_core, n=n)
     # Each sweep passes through edit.py's defaults, K = 400 at v = 0.7: effect 1's setting. Those edits
-    # are the same images, so the sweeps reuse them rather than make them again.
-    again = found["SINE, patch model"]
+    # are the same images (edit.py's PNGs come in seed order), so the sweeps reuse the first n of them.
+    again = found["SINE, patch model"][:n]
     found["K sweep"], found["v sweep"] = again + K_sweep.result(), again + v_sweep
     return found
 
@@ -221,7 +222,7 @@ def effects(rows):
 def labelled_grid(source, rows, conditions, path, zoom=2):
     """The source, then one column per condition, one row per sample seed; labels on each cell."""
     big = lambda image: image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows if r["condition"] in {condition for condition, _ in conditions}})
     cells = {(i, 0): (big(source), "source") for i in range(len(seeds))}
     for col, (condition, where) in enumerate(conditions, start=1):
         for i, seed in enumerate(seeds):
@@ -286,7 +287,9 @@ def main(argv=None):
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="fine-tune every model through train.py --lora RANK (0: every weight, the paper's)")
     p.add_argument("--ddim-steps", type=int, default=25)
-    p.add_argument("--samples", type=int, default=8, help="edits per setting, with seeds 0, 1, ...")
+    p.add_argument("--samples", type=int, default=8, help="edits per setting of effects 1 and 2, with seeds 0, 1, ...")
+    p.add_argument("--sweep-samples", type=int, default=5,
+                   help="edits per setting of the K and v sweeps, seeds 0, 1, ... (at most --samples are made)")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
                    help="the K and v sweeps of effect 3 (--no-sweeps: effects 1 and 2 only)")
     args = p.parse_args(argv)
