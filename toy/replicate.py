@@ -289,7 +289,7 @@ def main(argv=None):
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=8, help="edits per setting of effects 1 and 2, with seeds 0, 1, ...")
     p.add_argument("--sweep-samples", type=int, default=5,
-                   help="edits per setting of the K and v sweeps, seeds 0, 1, ... (at most --samples are made)")
+                   help="edits per setting of the K and v sweeps, seeds 0, 1, ... (no more than --samples)")
     p.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
                    help="the K and v sweeps of effect 3 (--no-sweeps: effects 1 and 2 only)")
     args = p.parse_args(argv)
