@@ -85,7 +85,8 @@ def prompt(scene, identifier=False):
 
 def sample(args, folder, size, *flags, threads=None, n=None):
     """edit.py's PNGs (not its grid): n seeds (default args.samples) at size (width, height)."""
-    printed = run("edit.py", "--steps", args.ddim_steps, "--width", size[0], "--height", size[1], "--n", n or args.samples,
+    n = args.samples if n is None else n
+    printed = run("edit.py", "--steps", args.ddim_steps, "--width", size[0], "--height", size[1], "--n", n,
                   "--seed", 0, "--out", os.path.join(folder, "edits"), "--no-bf16", *flags, threads=threads)
     return [p for p in printed if not p.endswith("-grid.png")]
 
