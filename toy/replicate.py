@@ -1,6 +1,6 @@
 """The paper's experiments at toy scale, through the real train.py and edit.py, scored.
 
-    python -m toy.replicate                  # seed 1: 6-8 minutes a seed on 2 cores of an Intel Xeon
+    python -m toy.replicate                  # seed 1: 4-8 minutes a seed on 2 cores of an Intel Xeon
     python -m toy.replicate --seed 2 3 4 5 6 --out replication
 
 For each seed: draw a 2:1 scene ("a plain red circle on a white background", 128 x 64 pixels),
