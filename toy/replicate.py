@@ -47,7 +47,8 @@ WIDE, NATIVE = (WIDTH, HEIGHT), (world.SIZE, world.SIZE)  # (width, height): eff
 # fidelity poor (Sec. 4.3), and the toy's outputs mostly lose the shape. 0.5 is the lowest v the
 # paper edits with (Fig. 19).
 K_SWEEP = (0, 200, 400, 600, 800, 1000)
-# Learning rates (every weight, LoRA adapters), measured on the toy: see toy/README.md.
+# Learning rates (every weight, LoRA adapters), measured on the toy: see toy/why-effect-1.md and
+# toy/README.md's LoRA section.
 PATCH_LR = (4e-4, 3e-3)
 LR = (2e-4, 3e-3)
 V_SWEEP = (0.5, 0.7, 0.9, 1.0)
