@@ -13,6 +13,7 @@ import tempfile
 import traceback
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageOps
@@ -158,13 +159,16 @@ def return_freed_memory():
 
 
 def pick_device(name=None):
-    """--device as given (cuda, cuda:1, cpu; mps on a Mac), checked; by default a CUDA GPU if there is one."""
+    """--device as given (cuda, cuda:1, mps, cpu), checked; else $SINE_DEVICE if set; else a CUDA GPU,
+    else Apple's mps, else the CPU."""
+    name = name or os.environ.get("SINE_DEVICE")
     if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+        raise ValueError(f"--device {name}: not a device name; use cuda, cuda:N, mps or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -172,7 +176,7 @@ def pick_device(name=None):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: mps needs a Mac with Apple silicon; use --device cpu")
     if device.type not in ("cuda", "cpu", "mps"):
-        raise ValueError(f"--device {name}: sine runs on cuda or cpu")
+        raise ValueError(f"--device {name}: sine runs on cuda, mps or cpu")
     return device
 
 
@@ -259,33 +263,93 @@ def cpu_has_native_bf16():
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def bf16_autocast(device, enabled=None, native_cpu_too=False):
-    """A bfloat16 autocast region for the UNet and text encoder passes, or None for plain fp32.
+def bf16_autocast(device, enabled=None):
+    """train.py's bfloat16 autocast region for the UNet and text encoder passes, or None for fp32.
 
     Weights and optimizer state stay fp32 either way (lr 1e-6 updates would vanish in bf16 weights),
     and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that computes bf16
     natively (compute capability 8.0, Ampere, or newer; older GPUs such as the T4 or V100 only
-    emulate it, slowly), and with native_cpu_too on a CPU that does (edit.py: a whole edit runs
-    about 2x faster there, BENCHMARKS.md); off elsewhere. It changes the output slightly."""
+    emulate it, slowly), off elsewhere: on a CPU, training in bf16 gains less and peaks higher. It
+    changes the output slightly. (edit.py chooses with sampling_precision.)"""
     if enabled is None:
-        enabled = ((device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)) or
-                   (native_cpu_too and device.type == "cpu" and cpu_has_native_bf16()))
+        enabled = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
 
 
-def speed_up(unet, channels_last=False, compile=False, bf16_weights=False):
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def fast_dtype(device):
+    """The fastest dtype this device computes SD v1 in: bf16 where it is native (a CUDA GPU of compute
+    capability 8.0 or newer, a CPU with AVX512-BF16 or AMX), fp16 on older CUDA GPUs (T4, V100) and
+    Apple's mps, fp32 on other CPUs."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What an edit samples in: the pre-trained UNet's dtype, and the fine-tuned UNets'. Text
+    encoders, the VAE, the sampler and the guidance arithmetic stay fp32 in every case."""
+    base: torch.dtype
+    finetuned: torch.dtype
+
+    def __str__(self):  # "bf16", or "bf16/fp32": how --precision takes it and the PNG records it
+        names = [next(name for name, d in DTYPES.items() if d == dtype) for dtype in (self.base, self.finetuned)]
+        return names[0] if names[0] == names[1] else "/".join(names)
+
+
+def sampling_precision(device, choice="auto"):
+    """--precision: auto, one of DTYPES for every UNet, or BASE/FINETUNED (e.g. bf16/fp32).
+
+    auto: the pre-trained UNet in the device's fast dtype; the fine-tuned ones in a dtype that keeps
+    what fine-tuning changed. At lr 1e-6 the weights move by about 1e-4, which bf16 rounds mostly
+    away: measured, the fine-tuned model's own change to its noise prediction keeps a cosine of
+    only ... with fp32's in bf16, ... in fp16 (BENCHMARKS.md, precision). So fp16 on GPUs, where it
+    is fast, and fp32 on CPUs, where fp16 is slow."""
+    if choice != "auto":
+        names = choice.split("/")
+        if len(names) not in (1, 2) or any(name not in DTYPES for name in names):
+            raise ValueError(f"--precision {choice}: use auto, fp32, fp16, bf16, or BASE/FINETUNED such as bf16/fp32")
+        return Precision(DTYPES[names[0]], DTYPES[names[-1]])
+    keeps_finetune = torch.float32 if device.type == "cpu" else torch.float16
+    return Precision(fast_dtype(device), keeps_finetune)
+
+
+def autocast_to(device, dtype):
+    """An autocast region computing in dtype, or None for fp32."""
+    return None if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+class InPrecision(torch.nn.Module):
+    """A UNet that runs under its own autocast region (none for fp32), whatever region calls it:
+    edit.py's fine-tuned UNets keep their precision inside the pre-trained UNet's."""
+
+    def __init__(self, unet, device, dtype):
+        super().__init__()
+        self.unet, self.device_type, self.dtype = unet, device.type, dtype
+
+    def forward(self, *inputs):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.unet(*inputs)
+
+
+def speed_up(unet, channels_last=False, compile=False, weights_dtype=None):
     """Optional, in place. channels_last stores conv weights (and so activations) as NHWC, which
     some conv kernels prefer; compile has torch.compile fuse the UNet (minutes for the first call).
 
-    bf16_weights, for sampling under bf16 autocast only (the weights are frozen there): autocast
-    would round every Linear and Conv weight to bf16 on every call, 1.7 GB of casts per UNet pass;
-    rounding them once gives bitwise the same numbers, faster, in half the memory. Norm layers keep
+    weights_dtype (bf16 or fp16), for sampling under autocast to that dtype only (the weights are
+    frozen there): autocast would round every Linear and Conv weight on every call, 1.7 GB of casts
+    per UNet pass; rounding them once gives bitwise the same numbers, faster, in half the memory. Norm layers keep
     fp32 parameters, which autocast computes in fp32. Never for training: lr 1e-6 updates vanish in
     bf16 weights, so training keeps fp32 master weights and lets autocast cast them."""
-    if bf16_weights:
+    if weights_dtype is not None:
         for module in unet.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                module.to(torch.bfloat16)
+                module.to(weights_dtype)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if compile:

@@ -55,11 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="-1 draws one, recorded in the PNG")
     p.add_argument("--n", type=int, default=1, help="samples, with seeds seed, seed+1, ...")
     p.add_argument("--out", default="outputs", help="folder for the PNGs")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="UNet passes in bfloat16 autocast, the UNets' frozen weights stored in bf16; the text "
-                        "encoder and VAE stay fp32 (default: on with a GPU of compute capability 8.0 or newer "
-                        "and on a CPU with AVX512-BF16 or AMX, off elsewhere)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: $SINE_DEVICE if set, else cuda, else mps, else cpu)")
+    p.add_argument("--precision", default="auto",
+                   help="the UNets' dtype: fp32, fp16, bf16, or BASE/FINETUNED such as bf16/fp32; text encoders "
+                        "and the VAE stay fp32. auto: the pre-trained UNet in the device's fast dtype (bf16 on "
+                        "GPUs of compute capability 8.0 or newer and CPUs with AVX512-BF16 or AMX, fp16 on older "
+                        "GPUs and mps, else fp32), the fine-tuned ones in a dtype that keeps their fine-tuning "
+                        "(fp16 on GPUs, fp32 on CPUs)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="the same as --precision bf16 (--no-bf16: fp32)")
     p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
     p.add_argument("--strip", action="store_true",
@@ -74,11 +77,13 @@ def parse_args(argv=None):
             settings = outputs.read_settings(args.from_png)
         except ValueError as e:
             cli.fail(e)
-        files = ("base", "finetuned", *outputs.FILES)  # found by fingerprint in load(), unless given
+        files = ("base", "finetuned", *outputs.FILES, *outputs.MADE_ON)  # found by fingerprint in load(), unless given
         p.set_defaults(**{**{key: value for key, value in settings.items() if key not in files},
                           "target": [settings["target"]]})
         args = p.parse_args(argv)
     args.recorded = settings if args.from_png else None
+    if args.bf16 is not None and not any(a.startswith("--precision") for a in argv or sys.argv[1:]):
+        args.precision = "bf16" if args.bf16 else "fp32"
     return args
 
 
@@ -320,6 +325,7 @@ class Setup:
     height: int
     width: int
     device: torch.device
+    precision: cli.Precision
     base_fingerprint: str
 
 
@@ -365,10 +371,15 @@ def load(args):
         raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {MAX_SIZE} a side: "
                          "choose the size with --height and --width")
     device = cli.pick_device(args.device)
+    precision = cli.sampling_precision(device, args.precision)
+    if not files:  # plain SD: only the pre-trained UNet samples
+        precision = cli.Precision(precision.base, precision.base)
     cli.check_writable_folder(os.path.join(args.out, "x.png"))
-    sd = load_sd(args.base, device=device)
-    finetuned = [sine.apply_finetuned(load_sd(args.base, device=device), path) for path in files]
-    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, base_fingerprint)
+    # Each model straight into its precision, the fine-tuned ones rounded only after their differences
+    # are added; they share the base's VAE, which they never change.
+    sd = load_sd(args.base, device=device, dtype=precision.base)
+    finetuned = [sine.load_finetuned(args.base, path, device, precision.finetuned, shared_vae=sd.vae) for path in files]
+    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, precision, base_fingerprint)
 
 
 def trained_sizes(finetuned, metadata):
@@ -377,7 +388,7 @@ def trained_sizes(finetuned, metadata):
     return sine.Sizes(int(metadata.get("crop", sizes.crop)), sizes.cell)
 
 
-def image_settings(args, s, target, K, v, seed, autocast):
+def image_settings(args, s, target, K, v, seed):
     """Everything that made one image, under edit.py's flag names: outputs.py writes it into the PNG."""
     return {"target": target, "negative": args.negative,
             "finetuned": [cli.recorded_path(path) for path in s.files] or ["none"],
@@ -385,7 +396,7 @@ def image_settings(args, s, target, K, v, seed, autocast):
             "fingerprints": {"base": s.base_fingerprint, "finetuned": [m["fingerprint"] for m in s.metadata]},
             "K": joined(K), "v": joined(v), "scale": args.scale,
             "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
-            "bf16": autocast is not None, "tile_vae": use_tiles(args.tile_vae, s.width * s.height),
+            "precision": str(s.precision), "device": s.device.type, "tile_vae": use_tiles(args.tile_vae, s.width * s.height),
             "channels_last": args.channels_last,
             "models": [{"prompt": m["prompt"], "steps": int(m["steps"])} for m in s.metadata]}
 
@@ -396,7 +407,7 @@ def render(args, s, autocast):
     latent_size = (s.height // s.sd.config.vae.factor, s.width // s.sd.config.vae.factor)
     with torch.no_grad():
         uncond = encode(s.sd, args.negative)
-        guides = [sine.Guide(ft.unet, encode(ft, sine.training_prompt(meta["sampling_prompt"])),
+        guides = [sine.Guide(cli.InPrecision(ft.unet, s.device, s.precision.finetuned), encode(ft, sine.training_prompt(meta["sampling_prompt"])),
                              sine.full_position_map(ft.config.unet.model_channels, latent_size, s.device,
                                                     trained_sizes(ft, meta)) if meta["position_map"] == "True" else None)
                   for ft, meta in zip(s.finetuned, s.metadata)]
@@ -419,8 +430,8 @@ def render(args, s, autocast):
                                        each_alone=watch and watch.each_alone)
                 if not torch.isfinite(pixels).all():  # as a PNG it would be black
                     cli.fail(f"the sample turned nan or inf (seed {seed}, {label(K, v)}), so no PNG was written for "
-                             f"it: check that --base is a working SD v1 file{' and try without --bf16' if autocast else ''}")
-                settings = image_settings(args, s, target, K, v, seed, autocast)
+                             f"it: check that --base is a working SD v1 file{' and try --precision fp32' if autocast else ''}")
+                settings = image_settings(args, s, target, K, v, seed)
                 image = to_pil(pixels)
                 stem = f"seed{seed}" + (f"-K{joined(K, '_')}-v{joined(v, '_')}" if guides else "")
                 yield image, stem, settings
@@ -432,18 +443,29 @@ def render(args, s, autocast):
                        {**settings, "K": args.K, "v": args.v, "grid": "rows K, columns v"})
 
 
+def say_precision(args, s):
+    """One line of what the UNets compute in; with --from, also when it or the device is not the image's."""
+    cli.say(f"precision: {s.precision} (the pre-trained UNet's/the fine-tuned ones') on {s.device}"
+            if s.precision.base != s.precision.finetuned else f"precision: {s.precision} on {s.device}")
+    made = args.recorded and (args.recorded.get("precision"), args.recorded.get("device"))
+    if made and made[1] and made != (str(s.precision), s.device.type):
+        cli.say(f"note: {args.from_png} was made in {made[0]} on {made[1]}; its pixels will differ slightly here")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.plain_warnings()
     try:
-        setup = load(args)
+        with cli.out_of_memory_hint("the models do not fit this device: try --precision fp16 on a GPU, or "
+                                    "--device cpu"):
+            setup = load(args)
     except (ValueError, OSError) as e:
         cli.fail(e)
     cli.say(f"base: {setup.sd.description}")
-    autocast = cli.bf16_autocast(setup.device, args.bf16, native_cpu_too=True)
-    cli.say(f"precision: {'bf16 autocast' if autocast else 'fp32'} on {setup.device}")
+    say_precision(args, setup)
+    autocast = cli.autocast_to(setup.device, setup.precision.base)
     for loaded in [setup.sd] + setup.finetuned:
-        cli.speed_up(loaded.unet, args.channels_last, args.compile, bf16_weights=autocast is not None)
+        cli.speed_up(loaded.unet, args.channels_last, args.compile)
     written = []
     try:
         for image, stem, settings in render(args, setup, autocast):

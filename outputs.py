@@ -20,10 +20,12 @@ from PIL.PngImagePlugin import PngInfo
 SETTINGS_CHUNK = "sine"
 # What --from takes from a PNG: every setting that changes the pixels, under edit.py's flag names.
 SETTINGS = ("target", "negative", "finetuned", "finetuned_prompt", "base", "K", "v", "scale", "steps", "eta",
-            "seed", "width", "height", "bf16", "tile_vae", "channels_last")
+            "seed", "width", "height", "precision", "tile_vae", "channels_last")
 # And what --from checks its files against: each file's fingerprint, and each fine-tuned file's prompt and steps
 # (PNGs from before fingerprints were recorded have none).
 FILES = ("fingerprints", "models")
+# Recorded, and compared by --from, but not taken: the device that made the image.
+MADE_ON = ("device",)
 
 
 def quote(value):
@@ -44,7 +46,7 @@ def a1111_text(settings):
                        f"SINE training prompt{n}": model["prompt"], f"SINE prompt{n}": prompt})
     if models:
         fields.update({"SINE K": settings["K"], "SINE v": settings["v"]})
-    fields.update({"bf16": settings["bf16"], "Tiled VAE": settings["tile_vae"],
+    fields.update({"Precision": settings["precision"], "Device": settings["device"], "Tiled VAE": settings["tile_vae"],
                    "channels_last": settings["channels_last"]})
     line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items())
     return f"{settings['target']}\nNegative prompt: {settings['negative']}\n{line}"
@@ -97,4 +99,6 @@ def read_settings(path):
     settings = json.loads(chunk)
     if settings.get("grid"):
         raise ValueError(f"--from {path} is a grid of several edits: pass one of its images")
-    return {**{key: settings[key] for key in SETTINGS}, **{key: settings.get(key) for key in FILES}}
+    if "precision" not in settings:  # a PNG from before --precision: bf16 or fp32 for every UNet
+        settings["precision"] = "bf16" if settings.get("bf16") else "fp32"
+    return {**{key: settings[key] for key in SETTINGS}, **{key: settings.get(key) for key in FILES + MADE_ON}}

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
 
 from model import LATENT_SCALE, lora
 from model.ddim import classifier_free_guidance, sample
-from model.loader import PREFIXES, atomic_path, fingerprint, iter_tensors, read_header, write_safetensors
+from model.loader import PREFIXES, atomic_path, fingerprint, iter_tensors, load_sd, read_header, write_safetensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0
 
 # ---------------------------------------------------------------------------------------------
@@ -398,35 +397,49 @@ def save_adapters(path, sd, base_path, metadata):
                           torch.float32)
 
 
-def apply_finetuned(sd, path):
-    """Add a fine-tuned file's differences, or its merged adapters, onto sd's UNet and text encoder, in place."""
-    with safe_open(path, framework="pt") as f:
-        if "lora_alpha" in f.metadata():
-            return merge_adapters(sd, f, float(f.metadata()["lora_alpha"]), path)
-        for part, module in trainable_parts(sd).items():
-            for name, weight in module.state_dict().items():
-                weight += read_finite(f, PREFIXES[part] + name, path).to(weight)
-    return sd
+def finetuned_weights(path):
+    """adjust(part, name, w_base) -> w_finetuned for model.load_sd: the base weight plus this file's
+    difference (or its merged adapters), in fp32, before any rounding to a sampling precision.
+
+    bf16 rounds a weight of 0.03 in steps of 1.2e-4, about what 10,000 steps at lr 1e-6 move it:
+    rounding the whole fine-tuned weight would round much of the fine-tune away, so the difference
+    is added first, and the caller chooses a precision that keeps it (BENCHMARKS.md, precision)."""
+    header = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    read = lambda key: read_finite(next(iter_tensors(path, header, {key: key}))[1], key, path)
+    if "lora_alpha" not in metadata:
+        return lambda part, name, weight: weight + read(PREFIXES[part] + name)
+    alpha, suffix = float(metadata["lora_alpha"]), ".lora_down.weight"
+    adapted = {key[:-len(suffix)] for key in header if key.endswith(suffix)}
+
+    def merged(part, name, weight):  # W + (alpha / rank) B A, for the layers that have adapters
+        layer = PREFIXES[part] + name.removesuffix(".weight")
+        if not name.endswith(".weight") or layer not in adapted:
+            return weight
+        down, up = read(layer + suffix), read(layer + ".lora_up.weight")
+        return weight + lora.delta(up, down, alpha / down.shape[0], weight.shape)
+
+    return merged
 
 
-def read_finite(f, key, path):
-    """One tensor of the open file f; a diverged run's nan or inf is refused with what to do."""
-    tensor = f.get_tensor(key)
+def read_finite(tensor, key, path):
+    """A diverged run's nan or inf is refused with what to do."""
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{path} holds nan or inf values ({key}): its training diverged; fine-tune again "
                          "with a lower --lr")
     return tensor
 
 
-def merge_adapters(sd, f, alpha, path):
-    """Fold the open file f's adapters into the weights of the layers they adapt: W += (alpha / rank) B A."""
-    suffix = ".lora_down.weight"
-    for part, module in trainable_parts(sd).items():
-        for key in f.keys():
-            if key.startswith(PREFIXES[part]) and key.endswith(suffix):
-                name = key[len(PREFIXES[part]):-len(suffix)]
-                down, up = read_finite(f, key, path), read_finite(f, f"{PREFIXES[part]}{name}.lora_up.weight", path)
-                weight = module.get_submodule(name).weight
-                with torch.no_grad():
-                    weight += lora.delta(up.to(weight), down.to(weight), alpha / down.shape[0], weight.shape)
+def load_finetuned(base_path, path, device="cpu", dtype=torch.float32, shared_vae=None):
+    """The fine-tuned model: the base's weights plus the file's, each rounded to dtype only once added."""
+    return load_sd(base_path, device, dtype, adjust=finetuned_weights(path), shared_vae=shared_vae)
+
+
+def apply_finetuned(sd, path):
+    """Add a fine-tuned file's differences, or its merged adapters, onto sd's fp32 UNet and text encoder, in place."""
+    adjust = finetuned_weights(path)
+    with torch.no_grad():
+        for part, module in trainable_parts(sd).items():
+            for name, weight in module.state_dict().items():
+                weight.copy_(adjust(part, name, weight.float()))
     return sd

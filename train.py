@@ -58,7 +58,7 @@ def parse_args(argv=None):
                         "from its training prompt (seed 0, 25 DDIM steps, the photo's aspect); each costs about "
                         "as much as 10 training steps on the toy base, 15 at SD v1's size (0: no previews)")
     p.add_argument("--resume", action="store_true", help="continue from the resume state saved beside --out")
-    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: $SINE_DEVICE if set, else cuda, else mps, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward: a lower peak, at little cost (default: on for SD v1; "

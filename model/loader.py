@@ -209,8 +209,10 @@ def _first(names, n=3):
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _load_part(module, names, header, path, device, dtype):
-    """Fill a module built on the meta device with tensors read one at a time from the file."""
+def _load_part(module, names, header, path, device, dtype=torch.float32, adjust=None):
+    """Fill a module built on the meta device with tensors read one at a time from the file: its
+    Linear and Conv weights in dtype, every other tensor in fp32; adjust(name, w) changes each
+    tensor, in fp32, before it is rounded."""
     expected = module.state_dict()
     missing, unexpected = set(expected) - set(names), set(names) - set(expected)
     if missing or unexpected:
@@ -221,7 +223,12 @@ def _load_part(module, names, header, path, device, dtype):
         if shape != want:
             raise CheckpointError(f"{path} does not match the SD v1 layout: {file_key} has shape {shape}, "
                                   f"SD v1 has {want}")
-    state = dict(iter_tensors(path, header, names, device, dtype))
+    low = {f"{owner}.{kind}" for owner, layer in module.named_modules()
+           if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) for kind in ("weight", "bias")}
+    state = {}
+    for name, tensor in iter_tensors(path, header, names):  # fp32, on the CPU
+        tensor = adjust(name, tensor) if adjust else tensor
+        state[name] = tensor.to(device=device, dtype=dtype if name in low else torch.float32)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -320,10 +327,13 @@ def read_config(path, metadata=None):
         raise CheckpointError(f"{path} has an unreadable {CONFIG_KEY} entry in its metadata") from None
 
 
-def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
+def load_sd(path, device="cpu", dtype=torch.float32, ema=True, adjust=None, shared_vae=None):
     """Load an SD v1 safetensors checkpoint (or a `model.tiny` one) into our modules.
 
-    dtype is for the UNet and the text encoder; the VAE is always fp32 (it overflows fp16)."""
+    dtype is for the UNet's Linear and Conv weights, which is what autocast computes with; norms,
+    the text encoder and the VAE stay fp32 (the VAE overflows fp16). adjust(part, name, w) changes
+    each UNet and text-encoder weight, in fp32, before it is rounded to dtype: sine.py adds a
+    fine-tuned file's differences so. shared_vae: a loaded VAE to use instead of reading the file's."""
     header, metadata = check_sd_v1(path)
     path = os.fspath(path)
     config = read_config(path, metadata)
@@ -336,7 +346,7 @@ def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
         raise CheckpointError(f"{path} has keys that SD v1 does not: {_first(names['unexpected'])}")
 
     with torch.device("meta"):
-        unet, vae, text_encoder = UNet(config.unet), VAE(config.vae), TextEncoder(config.text_encoder)
+        unet, vae, text_encoder = UNet(config.unet), VAE(config.vae) if shared_vae is None else shared_vae, TextEncoder(config.text_encoder)
     use_ema = ema and bool(names["ema"])
     if use_ema:
         # "Full" files keep EMA weights under model_ema.*, with the dots removed from the UNet key.
@@ -345,9 +355,11 @@ def load_sd(path, device="cpu", dtype=torch.float32, ema=True):
         missing = [k for k in names["unet"].values() if k not in header]
         if missing:
             raise CheckpointError(f"{path} has incomplete EMA weights: missing {_first(missing)}")
-    _load_part(unet, names["unet"], header, path, device, dtype)
-    _load_part(vae, names["vae"], header, path, device, torch.float32)  # always fp32: see model/vae.py, Precision
-    _load_part(text_encoder, names["text_encoder"], header, path, device, dtype)
+    part_adjust = lambda part: adjust and (lambda name, tensor: adjust(part, name, tensor))
+    _load_part(unet, names["unet"], header, path, device, dtype, part_adjust("unet"))
+    if shared_vae is None:
+        _load_part(vae, names["vae"], header, path, device)  # always fp32: see model/vae.py, Precision
+    _load_part(text_encoder, names["text_encoder"], header, path, device, adjust=part_adjust("text_encoder"))
 
     stored = {v["dtype"] for k, v in header.items() if k.startswith("model.diffusion_model.")}
     kind = f"SD v1 layout, {config.image_size} px native" if CONFIG_KEY in metadata else "SD v1"

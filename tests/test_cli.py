@@ -357,7 +357,8 @@ def test_parameters_read_back_with_an_a1111_parser(negative_run, trained_patch):
     assert fields == {"Steps": "2", "Sampler": "DDIM", "CFG scale": "7.5", "Seed": "3", "Size": "128x64",
                       "Model": "tiny", "Eta": "0.0", "SINE model": os.path.basename(trained_patch["path"]),
                       "SINE model steps": "2", "SINE training prompt": PROMPT, "SINE prompt": SAMPLING_PROMPT,
-                      "SINE K": "400", "SINE v": "0.7", "bf16": str(cli.cpu_has_native_bf16()), "Tiled VAE": "False",
+                      "SINE K": "400", "SINE v": "0.7", "Precision": "bf16/fp32" if cli.cpu_has_native_bf16() else "fp32",
+                      "Device": "cpu", "Tiled VAE": "False",
                       "channels_last": "False"}
     # every setting that changes the pixels is in the text, with the value edit.py used
     assert (fields["Steps"], fields["Seed"], fields["SINE K"], fields["SINE v"]) == \

@@ -9,7 +9,7 @@ Every fast path can be switched off; here each is run both ways on the tiny rand
   gradient checkpointing           unet.gradient_checkpointing          exact: the same ops, recomputed
   bf16 autocast                    cli.bf16_autocast(device, True)     3e-2 relative (bf16 keeps 8
                                                                         significant bits: ~4e-3 per op)
-  bf16 weights for sampling        cli.speed_up(bf16_weights=True)     exact, under bf16 autocast
+  bf16 weights for sampling        cli.speed_up(weights_dtype=bf16)     exact, under bf16 autocast
   VAE in fp32 inside autocast      always on                            exact, and never NaN in fp16
   tiled VAE decode / encode        vae.decode(z, tiled=True)            exact blending; the VAE itself
                                                                         drifts, see TILE_TOL below
@@ -207,12 +207,12 @@ def test_bf16_autocast_close_to_fp32(sd):
 
 
 def test_bf16_weights_for_sampling_change_nothing_under_autocast(sd):
-    """speed_up(bf16_weights=True) rounds the Linear and Conv weights once, as autocast would on
+    """speed_up(weights_dtype=torch.bfloat16) rounds the Linear and Conv weights once, as autocast would on
     every call: the output must be bitwise the same; norm layers keep fp32 parameters."""
     inputs = unet_inputs(sd.config.unet)
     fast = model.unet.UNet(sd.config.unet).eval().requires_grad_(False)
     fast.load_state_dict(sd.unet.state_dict())
-    cli.speed_up(fast, bf16_weights=True)
+    cli.speed_up(fast, weights_dtype=torch.bfloat16)
     assert fast.input_blocks[0][0].weight.dtype == fast.time_embed[0].weight.dtype == torch.bfloat16
     assert fast.out[0].weight.dtype == torch.float32  # a GroupNorm
     with torch.no_grad(), cli.bf16_autocast(torch.device("cpu"), True):
@@ -294,8 +294,11 @@ def test_load_sd_keeps_the_vae_fp32(tmp_path):
     path = tmp_path / "tiny16.safetensors"
     write_checkpoint(path, TINY, dtype=torch.float16)
     half = load_sd(path, dtype=torch.float16)
-    assert all(p.dtype == torch.float16 for p in half.unet.parameters())
-    assert all(p.dtype == torch.float32 for p in half.vae.parameters())
+    assert half.unet.input_blocks[0][0].weight.dtype == half.unet.time_embed[0].bias.dtype == torch.float16
+    assert half.unet.out[0].weight.dtype == torch.float32  # a GroupNorm: as cli.speed_up leaves it
+    assert all(p.dtype == torch.float32 for p in [*half.vae.parameters(), *half.text_encoder.parameters()])
+    rounded = cli.speed_up(load_sd(path).unet, weights_dtype=torch.float16)  # the same weights, rounded after loading
+    assert all(torch.equal(a, b) for a, b in zip(half.unet.state_dict().values(), rounded.state_dict().values()))
 
 
 # ---------------------------------------------------------------------------------------------

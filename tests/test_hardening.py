@@ -1026,7 +1026,7 @@ def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tm
 # What outputs.write_png needs of an image's settings: those of a plain SD edit.
 SETTINGS = {"target": "a castle", "negative": "", "finetuned": ["none"], "finetuned_prompt": [],
             "base": "weights/tiny.safetensors", "K": "400", "v": "0.7", "scale": 7.5, "steps": 2, "eta": 0.0,
-            "seed": 0, "width": 64, "height": 64, "bf16": False, "tile_vae": False, "channels_last": False,
+            "seed": 0, "width": 64, "height": 64, "precision": "fp32", "device": "cpu", "tile_vae": False, "channels_last": False,
             "models": []}
 
 
@@ -1293,6 +1293,9 @@ def test_bf16_by_default_only_on_gpus_that_compute_it_natively(monkeypatch, capa
         assert (cli.bf16_autocast(torch.device("cuda")) is not None) == native
         assert cli.bf16_autocast(torch.device("cuda"), enabled=True) is not None  # --bf16 still asks for it
     assert cli.bf16_autocast(torch.device("cpu")) is None
+    # edit.py: fp16 where bf16 is not native; the fine-tuned UNets in fp16, which keeps their fine-tuning
+    fast = torch.bfloat16 if native else torch.float16
+    assert cli.sampling_precision(torch.device("cuda")) == cli.Precision(fast, torch.float16)
 
 
 @pytest.mark.parametrize("flags, native", [("fpu sse avx2", False), ("fpu avx512f avx512_bf16", True),
@@ -1307,8 +1310,9 @@ def test_edit_defaults_to_bf16_on_cpus_that_compute_it_natively(monkeypatch, tmp
                                                                          *a, **k))
     assert cli.cpu_has_native_bf16() == native
     cpu = torch.device("cpu")
-    assert (cli.bf16_autocast(cpu, native_cpu_too=True) is not None) == native
-    assert cli.bf16_autocast(cpu, False, native_cpu_too=True) is None      # --no-bf16
+    fast = torch.bfloat16 if native else torch.float32
+    assert cli.sampling_precision(cpu) == cli.Precision(fast, torch.float32)  # the fine-tuned UNets: fp32
+    assert cli.sampling_precision(cpu, "fp32") == cli.Precision(torch.float32, torch.float32)  # --no-bf16
     assert cli.bf16_autocast(cpu) is None                                   # train.py
 
 
@@ -1320,7 +1324,7 @@ def test_a_long_prompt_warns_in_one_plain_line(root, tmp_path):
     lines = [line for line in result.stderr.splitlines() if "75 tokens" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: CLIP reads at most 75 tokens"), result.stderr
     assert "UserWarning" not in result.stderr and "warn(" not in result.stderr
-    precision = "bf16 autocast" if cli.cpu_has_native_bf16() else "fp32"  # edit.py's CPU default
+    precision = "bf16" if cli.cpu_has_native_bf16() else "fp32"  # edit.py's CPU default for plain SD
     assert result.stderr.count("precision: ") == 1 and f"precision: {precision} on cpu" in result.stderr
 
 

@@ -199,7 +199,7 @@ def ours_unet(job, device):
     import cli
     import model.attention
     sd = ours_load(job, device)
-    unet = cli.speed_up(sd.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
+    unet = cli.speed_up(sd.unet, job.channels_last, job.compile, weights_dtype=torch.bfloat16 if job.bf16 else None)
     del sd
     model.attention.USE_SDPA = job.sdpa
     x, t, context = unet_inputs(job, device)
@@ -213,7 +213,7 @@ def ours_edit(job, device):
     import sine
     sd, ft = ours_load(job, device), ours_load(job, device, finetuned=True)
     for loaded in (sd, ft):
-        cli.speed_up(loaded.unet, job.channels_last, job.compile, bf16_weights=job.bf16)
+        cli.speed_up(loaded.unet, job.channels_last, job.compile, weights_dtype=torch.bfloat16 if job.bf16 else None)
     model.attention.USE_SDPA = job.sdpa
     region = cli.bf16_autocast(device, job.bf16)
     latent = (job.size // 8, job.size // 8)
@@ -570,7 +570,7 @@ def big_worker(job, device, result):
     import sine
     sd, ft = ours_load(job, device), ours_load(job, device, finetuned=True)
     for loaded in (sd, ft):
-        cli.speed_up(loaded.unet, bf16_weights=job.bf16)
+        cli.speed_up(loaded.unet, weights_dtype=torch.bfloat16 if job.bf16 else None)
     latent = (job.size // 8, job.size // 8)
     region = cli.bf16_autocast(device, job.bf16)
     with torch.no_grad():
