@@ -263,17 +263,21 @@ def cpu_has_native_bf16():
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def bf16_autocast(device, enabled=None):
+def bf16_autocast(device, enabled=None, cache=True):
     """train.py's bfloat16 autocast region for the UNet and text encoder passes, or None for fp32.
 
     Weights and optimizer state stay fp32 either way (lr 1e-6 updates would vanish in bf16 weights),
     and the VAE always runs in fp32. enabled=None chooses: on with a CUDA GPU that computes bf16
     natively (compute capability 8.0, Ampere, or newer; older GPUs such as the T4 or V100 only
     emulate it, slowly), off elsewhere: on a CPU, training in bf16 gains less and peaks higher. It
-    changes the output slightly. (edit.py chooses with sampling_precision.)"""
+    changes the output slightly. (edit.py chooses with sampling_precision.)
+
+    cache=False: autocast keeps no bf16 copy of each trainable weight for the whole forward pass
+    (2 GB for SD v1). Under gradient checkpointing the copies would never be used again: backward
+    casts afresh when it recomputes. The numbers are the same."""
     if enabled is None:
         enabled = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else None
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if enabled else None
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -306,10 +310,11 @@ def sampling_precision(device, choice="auto"):
     """--precision: auto, one of DTYPES for every UNet, or BASE/FINETUNED (e.g. bf16/fp32).
 
     auto: the pre-trained UNet in the device's fast dtype; the fine-tuned ones in a dtype that keeps
-    what fine-tuning changed. At lr 1e-6 the weights move by about 1e-4, which bf16 rounds mostly
-    away: measured, the fine-tuned model's own change to its noise prediction keeps a cosine of
-    only ... with fp32's in bf16, ... in fp16 (BENCHMARKS.md, precision). So fp16 on GPUs, where it
-    is fast, and fp32 on CPUs, where fp16 is slow."""
+    what fine-tuning changed. At lr 1e-6 the weights move by about 1e-4, below bf16's rounding step
+    for most of them: at full size, in the worst case, the fine-tuned model's own change to its noise
+    prediction keeps a cosine of only 0.74 with fp32's in bf16, 0.997 in fp16 (BENCHMARKS.md,
+    precision). So fp16 on GPUs and mps, where it is fast, and fp32 on CPUs, where fp16 is up to
+    150 times slower."""
     if choice != "auto":
         names = choice.split("/")
         if len(names) not in (1, 2) or any(name not in DTYPES for name in names):

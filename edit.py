@@ -378,7 +378,10 @@ def load(args):
     # Each model straight into its precision, the fine-tuned ones rounded only after their differences
     # are added; they share the base's VAE, which they never change.
     sd = load_sd(args.base, device=device, dtype=precision.base)
-    finetuned = [sine.load_finetuned(args.base, path, device, precision.finetuned, shared_vae=sd.vae) for path in files]
+    finetuned = []
+    for path in files:
+        cli.return_freed_memory()  # the fp32 tensors each weight was read into
+        finetuned.append(sine.load_finetuned(args.base, path, device, precision.finetuned, shared_vae=sd.vae))
     return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, precision, base_fingerprint)
 
 
@@ -407,10 +410,13 @@ def render(args, s, autocast):
     latent_size = (s.height // s.sd.config.vae.factor, s.width // s.sd.config.vae.factor)
     with torch.no_grad():
         uncond = encode(s.sd, args.negative)
-        guides = [sine.Guide(cli.InPrecision(ft.unet, s.device, s.precision.finetuned), encode(ft, sine.training_prompt(meta["sampling_prompt"])),
+        guides = [sine.Guide(cli.InPrecision(ft.unet, s.device, s.precision.finetuned),
+                             encode(ft, sine.training_prompt(meta["sampling_prompt"])),
                              sine.full_position_map(ft.config.unet.model_channels, latent_size, s.device,
                                                     trained_sizes(ft, meta)) if meta["position_map"] == "True" else None)
                   for ft, meta in zip(s.finetuned, s.metadata)]
+    for ft in s.finetuned:  # its text encoder's only work was c_hat: 0.5 GB freed
+        ft.text_encoder = None
     for target in args.target:
         target = sine.target_prompt(target, s.metadata[0]["prompt"] if s.metadata else "")
         with torch.no_grad():

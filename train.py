@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
@@ -28,7 +27,7 @@ import edit
 import sine
 from model import load_sd, lora, read_header
 from model.ddim import sample, text_to_image_eps
-from model.loader import CheckpointError, atomic_path, fingerprint, iter_tensors
+from model.loader import CheckpointError, atomic_path, fingerprint, iter_tensors, write_safetensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
 
@@ -195,16 +194,20 @@ def diverged(args, what):
 
 
 def save_resume_state(path, sd, optimizers, generator, metadata):
-    """Exact fp32 weights, AdamW moments and the RNG: all a bitwise-identical continuation needs."""
-    tensors = {"rng": generator.get_state()}
+    """Exact fp32 weights, AdamW moments and the RNG: all a bitwise-identical continuation needs.
+
+    Written one tensor at a time, each copied from the device only when its turn comes: host RAM
+    never holds a second copy of the model and its moments (12 GB for SD v1)."""
+    tensors = {"rng": generator.get_state()}  # still on the device, all but the RNG's state
     for i, (name, param) in enumerate(trainable_parameters(sd)):
-        tensors[f"weight.{name}"] = param.detach().cpu()
+        tensors[f"weight.{name}"] = param.detach()
         state = optimizers[param].state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in state:
-                tensors[f"{key}.{i}"] = state[key].detach().cpu().reshape(state[key].shape)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+                tensors[f"{key}.{i}"] = state[key].detach()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write_safetensors(f, {key: t.shape for key, t in tensors.items()}, (t.cpu() for t in tensors.values()),
+                          metadata, {key: t.dtype for key, t in tensors.items()})
 
 
 def load_resume_state(path, sd, optimizers, generator):
@@ -453,7 +456,7 @@ def prepare(args, sd, image, device):
     ids = sd.tokenizer([sine.training_prompt(args.prompt)]).to(device)
     full_map = sine.position_map(sd.config.unet.model_channels, sizes=sizes).to(device) if args.patch else None
     alphas = alphas_cumprod().to(device)
-    autocast = cli.bf16_autocast(device, args.bf16)
+    autocast = cli.bf16_autocast(device, args.bf16, cache=not args.grad_checkpointing)
     args.bf16 = autocast is not None  # as chosen, for the messages
     cli.say(f"precision: {'bf16 autocast, fp32 weights' if autocast else 'fp32'} on {device}")
     cli.speed_up(sd.unet, compile=args.compile)

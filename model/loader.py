@@ -264,22 +264,23 @@ def iter_tensors(path, header, names, device="cpu", dtype=torch.float32):
 def write_safetensors(f, shapes, tensors, metadata, dtype=torch.float16):
     """Write a safetensors file into the open file f one tensor at a time, so that writing needs
     memory for one tensor, not for the whole file. shapes = {key: shape}; tensors yields each key's
-    tensor (of dtype), in the same order.
+    tensor (of dtype, or of dtype[key] if dtype is a dict), in the same order.
 
     The format: 8 bytes of header length, the JSON header (each key's dtype, shape and byte range),
     padded with spaces to a multiple of 8, then the tensors' bytes back to back."""
     header, offset = {"__metadata__": metadata}, 0
-    dtype_name = next(name for name, d in FILE_DTYPES.items() if d == dtype)
+    dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(shapes, dtype)
     for key, shape in shapes.items():
-        size = math.prod(shape) * dtype.itemsize
+        size = math.prod(shape) * dtypes[key].itemsize
+        dtype_name = next(name for name, d in FILE_DTYPES.items() if d == dtypes[key])
         header[key] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     f.write(struct.pack("<Q", len(text)) + text)
     for (key, shape), tensor in zip(shapes.items(), tensors, strict=True):
-        if tensor.dtype != dtype or list(tensor.shape) != list(shape):
-            raise ValueError(f"{key}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        if tensor.dtype != dtypes[key] or list(tensor.shape) != list(shape):
+            raise ValueError(f"{key}: expected {dtypes[key]} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 

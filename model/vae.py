@@ -76,7 +76,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # contiguous: SDPA's fused kernels, which never hold the (HW, HW) scores, take no strided q, k, v
+        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None].contiguous() for conv in (self.q, self.k, self.v))  # (B, 1, HW, C)
         h = attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 

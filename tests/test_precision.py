@@ -51,9 +51,10 @@ def finetuned_file(folder, kind):
         g = torch.Generator().manual_seed(0)
         delta = {name: torch.randn(w.shape, generator=g) for name, w in start.items()}
     size = SD_V1_SHARE * rms([w for name, w in start.items() if name.startswith("unet.") and w.dim() > 1])
+    scale = size / rms(delta.values())
     with torch.no_grad():
         for name, p in trainable(sd).items():
-            p.copy_(start[name] + delta[name] * (size / rms(delta.values())))
+            p.copy_(start[name] + delta[name] * scale)
     path = str(folder / f"{kind}.safetensors")
     sine.save_finetuned(path, sd, base, {"prompt": "a photo of a [*] cat", "position_map": True,
                                          "source_size": "128x128", "steps": 4})
@@ -61,20 +62,21 @@ def finetuned_file(folder, kind):
 
 
 @functools.cache
-def finetune_change(files, precision):
+def finetune_change(files, precision, device="cpu"):
     """eps_ft - eps_base as edit.py computes eps_ft in `precision`: the fine-tuned model loaded straight
     into its dtype, called inside the pre-trained UNet's autocast region."""
     base, finetuned = files
     dtype = precision.finetuned
-    inputs = noisy_inputs(load_sd(base), latent=16)
-    ft = sine.load_finetuned(base, finetuned, dtype=dtype)
-    outer = cli.autocast_to(torch.device("cpu"), precision.base)
-    return (noise_prediction(ft.unet, dtype, inputs, outer) -
-            noise_prediction(load_sd(base, dtype=dtype).unet, dtype, inputs, outer))
+    inputs = noisy_inputs(load_sd(base), latent=8)
+    ft = sine.load_finetuned(base, finetuned, device, dtype)
+    outer = cli.autocast_to(torch.device(device), precision.base)
+    return (noise_prediction(ft.unet, dtype, inputs, outer, device) -
+            noise_prediction(load_sd(base, device, dtype).unet, dtype, inputs, outer, device))
 
 
-def kept(files, precision):
-    return compare(finetune_change(files, precision), finetune_change(files, cli.Precision(torch.float32, torch.float32)))
+def kept(files, precision, device="cpu"):
+    exact = finetune_change(files, cli.Precision(torch.float32, torch.float32))
+    return compare(finetune_change(files, precision, device), exact)
 
 
 def test_the_difference_is_added_before_rounding(folder):

@@ -116,12 +116,14 @@ def noisy_inputs(sd, ts=(100, 400, 700, 950), latent=32):
     return z, t, context, position
 
 
-def noise_prediction(unet, dtype, inputs, outer=None):
+def noise_prediction(unet, dtype, inputs, outer=None, device="cpu"):
     """One pass the way edit.py samples a UNet whose Linear and Conv weights are in dtype: under its
     own autocast (cli.InPrecision), inside the pre-trained UNet's region `outer` as sine.edit calls it."""
     import cli
-    with torch.no_grad(), outer or torch.autocast("cpu", enabled=False):
-        return cli.InPrecision(unet, torch.device("cpu"), dtype)(*inputs).float()
+    device = torch.device(device)
+    inputs = [x.to(device) for x in inputs]
+    with torch.no_grad(), outer or torch.autocast(device.type, enabled=False):
+        return cli.InPrecision(unet.to(device), device, dtype)(*inputs).float().cpu()
 
 
 def compare(change, exact):
