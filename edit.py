@@ -329,6 +329,16 @@ class Setup:
     base_fingerprint: str
 
 
+def choose_precision(args, device, files):
+    """--precision on this device. With --from, the image's, unless it was made on another kind of
+    device, whose dtypes may not suit this one (fp16 is slow on a CPU): then auto."""
+    choice, made_on = args.precision, args.recorded and args.recorded.get("device")
+    if made_on and made_on != device.type and choice == args.recorded["precision"]:
+        choice = "auto"
+    precision = cli.sampling_precision(device, choice)
+    return precision if files else cli.Precision(precision.base, precision.base)  # plain SD: one UNet
+
+
 def load(args):
     """Check every argument, then load the models. A user's mistake raises ValueError or OSError
     before any weight is read."""
@@ -371,9 +381,7 @@ def load(args):
         raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {MAX_SIZE} a side: "
                          "choose the size with --height and --width")
     device = cli.pick_device(args.device)
-    precision = cli.sampling_precision(device, args.precision)
-    if not files:  # plain SD: only the pre-trained UNet samples
-        precision = cli.Precision(precision.base, precision.base)
+    precision = choose_precision(args, device, files)
     cli.check_writable_folder(os.path.join(args.out, "x.png"))
     # Each model straight into its precision, the fine-tuned ones rounded only after their differences
     # are added; they share the base's VAE, which they never change.
@@ -462,8 +470,8 @@ def main(argv=None):
     args = parse_args(argv)
     cli.plain_warnings()
     try:
-        with cli.out_of_memory_hint("the models do not fit this device: try --precision fp16 on a GPU, or "
-                                    "--device cpu"):
+        with cli.out_of_memory_hint("the models do not fit this device: use a machine with more memory, or "
+                                    "--precision bf16, which needs 1.7 GB less but keeps less of the fine-tune"):
             setup = load(args)
     except (ValueError, OSError) as e:
         cli.fail(e)

@@ -362,9 +362,13 @@ class Stop:
                    "(Ctrl-C again stops at once)", file=sys.stderr)
 
 
-def memory_hint(args):
+def memory_hint(args, device):
     # Measured on a CPU in fp32 (BENCHMARKS.md), train.py's whole process: 13.7 GB with checkpointing,
-    # 14.8 GB without; with --lora 8, 5.8 GB.
+    # 14.8 GB without; with --lora 8, 5.8 GB. On a GPU, worked out from the sizes, not yet measured:
+    # about 13 GB, and 5.3 GB with --lora 8.
+    if device.type != "cpu":
+        return ("fine-tuning SD v1 needs about 5.3 GB of GPU memory with --lora, about 13 GB without (estimated, "
+                "BENCHMARKS.md)" + ("" if args.lora else ": try --lora 8") + "; or train on the CPU (--device cpu)")
     if args.lora:
         return "fine-tuning SD v1 with --lora needs about 5.8 GB: use a machine or GPU with more memory"
     if args.grad_checkpointing:
@@ -427,17 +431,27 @@ def small(params):
     return 4 * sum(p.numel() for p in params) <= SMALL
 
 
-def make_optimizers(params, lr):
+def make_optimizers(params, lr, room=0):
     """({parameter: its AdamW}, the one AdamW to step after backward, or None if they step during it).
 
-    Large gradients are freed one by one during backward (sine.adamw_in_backward). Small ones are
-    kept for one AdamW over all of them after backward: the same arithmetic, bitwise, without an
-    optimizer call for each of hundreds of parameters, which made a toy step on a CPU 20-30% slower
-    (BENCHMARKS.md). fused: one kernel, not a dozen, for each update: a toy step a quarter faster."""
-    if not small(params):
+    Large gradients are freed one by one during backward (sine.adamw_in_backward). Small ones, or
+    any that fit in `room` (bytes of a GPU's memory to spare), are kept for one AdamW over all of
+    them after backward: the same arithmetic, bitwise, without an optimizer call for each of
+    hundreds of parameters, which made a toy step on a CPU 20-30% slower (BENCHMARKS.md) and would
+    bind a GPU's step to Python. fused: one kernel, not a dozen, for each update: a toy step a
+    quarter faster."""
+    if not small(params) and 4 * sum(p.numel() for p in params) > room:
         return sine.adamw_in_backward(params, lr, weight_decay=0.01, fused=True), None
     after_backward = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
     return dict.fromkeys(params, after_backward), after_backward
+
+
+def room_for_gradients(device, params):
+    """Bytes of GPU memory left for a whole set of gradients once AdamW's moments (8 bytes a weight)
+    and 3 GB for activations are set aside: enough for SD v1's 3.9 GB on a 24 GB card, not on 16 GB."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.mem_get_info(device)[0] - 8 * sum(p.numel() for p in params) - 3 * 2**30
 
 
 def prepare(args, sd, image, device):
@@ -446,7 +460,8 @@ def prepare(args, sd, image, device):
         module.train().requires_grad_(True)
     if args.lora:  # the base weights stay frozen
         lora.adapt(sd, args.lora, args.lora_convs, generator=torch.Generator().manual_seed(args.seed))
-    optimizers, after_backward = make_optimizers([p for _, p in trainable_parameters(sd)], args.lr)
+    params = [p for _, p in trainable_parameters(sd)]
+    optimizers, after_backward = make_optimizers(params, args.lr, room_for_gradients(device, params))
     if args.grad_checkpointing is None:
         args.grad_checkpointing = not small(sd.unet.parameters())
     sd.unet.gradient_checkpointing = args.grad_checkpointing
@@ -472,7 +487,7 @@ def prepare(args, sd, image, device):
 def take_step(args, sd, run, step):
     """sine.training_step, with one line for the user if memory runs out or the loss diverges."""
     try:
-        with cli.out_of_memory_hint(memory_hint(args)):
+        with cli.out_of_memory_hint(memory_hint(args, run.alphas.device)):
             loss_and_t = sine.training_step(sd, run.canvas, run.ids, args.patch, run.generator, run.alphas,
                                             run.full_map, run.autocast, run.sizes, args.batch)
             if run.after_backward:

@@ -77,7 +77,8 @@ def sample(eps_fn, z: torch.Tensor, num_steps: int = 50, eta: float = 0.0, gener
 
     eps_fn(z, t) -> noise prediction, t a python int in 0..999. With eta > 0 the step noise is
     drawn with torch.randn(generator=generator), in the generator's device, so a seeded CPU
-    generator gives the same images on any device. callback(t, x0_hat), if given, sees every
+    generator gives the same noise on any device (the pixels still differ a little: each device
+    sums in its own order and precision). callback(t, x0_hat), if given, sees every
     step's estimate of the clean latent: a window on how the picture forms.
     """
     alphas = alphas_cumprod().to(z.device)

@@ -109,3 +109,13 @@ def test_bf16_would_lose_the_finetune(folder):
     in the worst case bf16 keeps too little of the change."""
     result = kept(finetuned_file(folder, "incoherent"), cli.Precision(torch.bfloat16, torch.bfloat16))
     assert result["cosine"] < KEEPS, result
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_the_default_device_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.delenv("SINE_DEVICE")  # which the tests set to cpu (tests/conftest.py)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert cli.pick_device() == torch.device(expected)
+    monkeypatch.setenv("SINE_DEVICE", "cpu")  # what the tests run on, whatever the machine has
+    assert cli.pick_device() == torch.device("cpu")

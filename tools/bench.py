@@ -58,6 +58,7 @@ class Job:
     repeats: int = 3
     warmup: int = 1
     bf16: bool = False
+    fp16: bool = False          # a GPU's: a CPU computes fp16 up to 150 times slower than fp32
     channels_last: bool = False
     compile: bool = False
     sdpa: bool = True
@@ -71,8 +72,13 @@ class Job:
     files: dict = field(default_factory=dict)
 
     @property
+    def half(self):
+        """The UNets' dtype under autocast, None for fp32."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
+
+    @property
     def name(self):
-        switches = [s for s, on in (("bf16", self.bf16), ("channels_last", self.channels_last),
+        switches = [s for s, on in (("bf16", self.bf16), ("fp16", self.fp16), ("channels_last", self.channels_last),
                                     ("compile", self.compile), ("no-sdpa", not self.sdpa),
                                     ("grad-ckpt", self.grad_checkpointing), ("tiled", self.tiled),
                                     ("adamw-after-backward", self.adamw_after_backward),
@@ -85,14 +91,14 @@ class Job:
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def reset_peaks(device):
     """Start a new peak: Linux resets the process's peak RSS (VmHWM) when 5 is written to clear_refs."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -116,7 +122,8 @@ def rss_gb(field_name="VmHWM"):
 def peaks(device):
     result = {"peak_rss_gb": rss_gb("VmHWM")}
     if device.type == "cuda":
-        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        result["peak_cuda_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9  # what the card must hold
     return result
 
 
@@ -172,7 +179,7 @@ def save_output(job, name, tensor):
 
 
 def autocast(job, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16)
+    return torch.autocast(device.type, dtype=job.half or torch.bfloat16, enabled=job.half is not None)
 
 
 def sd_config(tiny):
@@ -199,7 +206,7 @@ def ours_unet(job, device):
     import cli
     import model.attention
     sd = ours_load(job, device)
-    unet = cli.speed_up(sd.unet, job.channels_last, job.compile, weights_dtype=torch.bfloat16 if job.bf16 else None)
+    unet = cli.speed_up(sd.unet, job.channels_last, job.compile, weights_dtype=job.half)
     del sd
     model.attention.USE_SDPA = job.sdpa
     x, t, context = unet_inputs(job, device)
@@ -213,9 +220,9 @@ def ours_edit(job, device):
     import sine
     sd, ft = ours_load(job, device), ours_load(job, device, finetuned=True)
     for loaded in (sd, ft):
-        cli.speed_up(loaded.unet, job.channels_last, job.compile, weights_dtype=torch.bfloat16 if job.bf16 else None)
+        cli.speed_up(loaded.unet, job.channels_last, job.compile, weights_dtype=job.half)
     model.attention.USE_SDPA = job.sdpa
-    region = cli.bf16_autocast(device, job.bf16)
+    region = autocast(job, device)
     latent = (job.size // 8, job.size // 8)
 
     @torch.no_grad()
@@ -247,8 +254,8 @@ def ours_train(job, device):
     if job.adamw_after_backward:
         optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
         time_optimizer(optimizer, device, ADAMW_TIMES)
-    else:  # as train.py: AdamW in backward for SD v1's weights, after it for small ones (LoRA's adapters)
-        _, optimizer = train.make_optimizers(params, lr=1e-4 if job.lora else 1e-6)
+    else:  # as train.py: AdamW after backward for small ones (LoRA's adapters) or where a GPU has room, else in it
+        _, optimizer = train.make_optimizers(params, 1e-4 if job.lora else 1e-6, train.room_for_gradients(device, params))
     cli.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
     region = cli.bf16_autocast(device, job.bf16)
@@ -275,9 +282,9 @@ def ours_loading(job, device):
 # =============================================================================================
 # The diffusers side: the same work with diffusers' (and transformers') modules
 
-def diffusers_models(job, device, finetuned=False, parts=("unet", "vae", "text"), bf16_unet=False):
+def diffusers_models(job, device, finetuned=False, parts=("unet", "vae", "text"), unet_dtype=None):
     """Our checkpoint file through diffusers' own single-file loader, configured for SD v1.
-    bf16_unet: the UNet's weights in bf16, as diffusers users sample with torch_dtype=torch.bfloat16."""
+    unet_dtype: the UNet's weights in bf16 or fp16, as diffusers users sample with torch_dtype=..."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -298,8 +305,8 @@ def diffusers_models(job, device, finetuned=False, parts=("unet", "vae", "text")
     gc.collect()
     for m in models.values():
         m.eval().requires_grad_(False)
-    if bf16_unet and "unet" in models:
-        models["unet"].to(torch.bfloat16)
+    if unet_dtype and "unet" in models:
+        models["unet"].to(unet_dtype)
     if job.channels_last and "unet" in models:
         models["unet"].to(memory_format=torch.channels_last)
     if job.compile and "unet" in models:
@@ -339,7 +346,7 @@ def add_position_map(unet):
 
 
 def diffusers_unet(job, device):
-    unet = diffusers_models(job, device, parts=("unet",), bf16_unet=job.bf16)["unet"]
+    unet = diffusers_models(job, device, parts=("unet",), unet_dtype=job.half)["unet"]
     x, t, context = unet_inputs(job, device)
     return lambda: unet(x, t, encoder_hidden_states=context).sample
 
@@ -354,8 +361,8 @@ def diffusers_edit(job, device):
     """A diffusers-based sampling loop with SINE's guidance (Eq. 3 while t > K, else Eq. 2)."""
     import sine
     from model import Tokenizer
-    base = diffusers_models(job, device, bf16_unet=job.bf16)
-    ft = diffusers_models(job, device, finetuned=True, parts=("unet", "text"), bf16_unet=job.bf16)
+    base = diffusers_models(job, device, unet_dtype=job.half)
+    ft = diffusers_models(job, device, finetuned=True, parts=("unet", "text"), unet_dtype=job.half)
     holder = add_position_map(ft["unet"])
     tokenizer = Tokenizer()  # the same ids on both sides; tokenizing is not what we time
     scheduler = diffusers_scheduler()
@@ -659,9 +666,13 @@ def plan(args):
         add("unet", bf16=cuda, compile=True)
     # (b) a whole edit, fp32 against diffusers; bf16 (speed-up and drift against fp32). Its
     # weights are already in memory when timing starts, so the first run needs no warm-up.
-    edit = dict(size=256, steps=10, repeats=2, warmup=0) if quick else dict(size=512, steps=50, warmup=0)
+    # (A GPU's first run also tunes its kernels: one untimed run there.)
+    edit = dict(size=256, steps=10, repeats=2, warmup=0) if quick else dict(size=512, steps=50, warmup=int(cuda))
     add("edit", **edit)
     add("edit", ("ours",) if quick else ("ours", "diffusers"), bf16=True, **edit)
+    if cuda:  # fp16, as SD v1 is usually run on a GPU
+        add("unet", fp16=True)
+        add("edit", fp16=True, **edit)
     # edit.py's CPU defaults: fp32 or bf16, each with and without channels_last
     add("edit", ("ours",), bf16=True, channels_last=True, **{**edit, "repeats": 1 if quick else 3})
     add("edit", ("ours",), channels_last=True, **{**edit, "repeats": 1 if quick else 3})

@@ -45,7 +45,7 @@ FIELDS = ("device", "gpu_tier", "train", "edit", "caps", "bench")  # what the JS
 def measure(report, cap_gb, script, args):
     """Run script as __main__ under a memory cap (CUDA only), then write its exit code and peaks to report."""
     import torch
-    cuda = torch.cuda.is_available()
+    cuda = os.environ.get("SINE_DEVICE") == "cuda"  # set by main(): the rehearsal never touches a GPU
     if cuda and cap_gb:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total))
@@ -102,7 +102,7 @@ def device_part(args):
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                      text=True).stdout.strip() or "unknown"}
-    if torch.cuda.is_available():
+    if not args.rehearse:
         props = torch.cuda.get_device_properties(0)
         info |= {"name": props.name, "capability": list(torch.cuda.get_device_capability(0)),
                  "memory_gb": round(props.total_memory / 2**30, 1)}
