@@ -374,6 +374,21 @@ def test_negative_prompt_changes_the_output_and_is_recorded(negative_run):
 
 
 @pytest.mark.full
+def test_from_an_image_made_on_a_gpu_samples_in_this_devices_precision(workdir, negative_run, tmp_path):
+    """Its fp16 would crawl on a CPU: auto instead, said in one line. (The image was in fact made here.)"""
+    import outputs
+    path, _ = negative_run
+    with Image.open(path) as image:
+        settings = {**json.loads(image.text["sine"]), "precision": "bf16/fp16", "device": "cuda"}
+        gpu_png = outputs.write_png(image.copy(), str(tmp_path / "gpu"), "seed3", settings)
+    result = run(workdir, "edit.py", "--from", gpu_png, "--out", tmp_path / "here")
+    assert f"note: {gpu_png} was made in bf16/fp16 on cuda" in result.stderr
+    (again,) = printed_paths(result, workdir)
+    assert (parameters(again)["precision"], parameters(again)["device"]) == (parameters(path)["precision"], "cpu")
+    assert np.array_equal(pixels(again), pixels(path))
+
+
+@pytest.mark.full
 def test_from_reproduces_the_pixels_and_an_override_changes_only_what_it_names(workdir, negative_run, tmp_path):
     path, _ = negative_run
     (again,) = printed_paths(run(workdir, "edit.py", "--from", path, "--out", tmp_path / "again"), workdir)
