@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageOps
 
-from model.loader import CheckpointError, fingerprint, read_header
+from model.loader import AUTOCAST_LAYERS, CheckpointError, fingerprint, read_header
 
 PROGRAM_DIR = os.path.dirname(os.path.abspath(__file__))  # its weights/ holds the checkpoints
 FINETUNED_DIR = "finetuned"
@@ -353,7 +353,7 @@ def speed_up(unet, channels_last=False, compile=False, weights_dtype=None):
     bf16 weights, so training keeps fp32 master weights and lets autocast cast them."""
     if weights_dtype is not None:
         for module in unet.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            if isinstance(module, AUTOCAST_LAYERS):
                 module.to(weights_dtype)
     if channels_last:
         unet.to(memory_format=torch.channels_last)

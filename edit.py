@@ -62,7 +62,8 @@ def parse_args(argv=None):
                         "GPUs of compute capability 8.0 or newer and CPUs with AVX512-BF16 or AMX, fp16 on older "
                         "GPUs and mps, else fp32), the fine-tuned ones in a dtype that keeps their fine-tuning "
                         "(fp16 on GPUs, fp32 on CPUs)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="the same as --precision bf16 (--no-bf16: fp32)")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16")
+    p.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", help="the same as --precision fp32")
     p.add_argument("--tile-vae", action=argparse.BooleanOptionalAction,
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
     p.add_argument("--strip", action="store_true",
@@ -82,8 +83,6 @@ def parse_args(argv=None):
                           "target": [settings["target"]]})
         args = p.parse_args(argv)
     args.recorded = settings if args.from_png else None
-    if args.bf16 is not None and not any(a.startswith("--precision") for a in argv or sys.argv[1:]):
-        args.precision = "bf16" if args.bf16 else "fp32"
     return args
 
 

@@ -40,6 +40,8 @@ PREFIXES = {
 CONFIG_KEY = "sd_config"        # safetensors metadata of a non-SD-v1-size file (e.g. model.tiny)
 MAX_HEADER_BYTES = 100_000_000  # a real SD header is ~100 kB; a huge one is an attack or garbage
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# The layers whose weights autocast computes with in bf16 or fp16; norms stay fp32 under it.
+AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 
 
 class CheckpointError(ValueError):
@@ -224,7 +226,7 @@ def _load_part(module, names, header, path, device, dtype=torch.float32, adjust=
             raise CheckpointError(f"{path} does not match the SD v1 layout: {file_key} has shape {shape}, "
                                   f"SD v1 has {want}")
     low = {f"{owner}.{kind}" for owner, layer in module.named_modules()
-           if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) for kind in ("weight", "bias")}
+           if isinstance(layer, AUTOCAST_LAYERS) for kind in ("weight", "bias")}
     state = {}
     for name, tensor in iter_tensors(path, header, names):  # fp32, on the CPU
         tensor = adjust(name, tensor) if adjust else tensor

@@ -3,7 +3,8 @@
 SINE fine-tunes at lr 1e-6: after SD v1's 10,000 steps the weights have moved by about 1e-4 (RMS),
 less than bf16's rounding step for most of them. These tests fine-tune the tiny model, give its
 difference SD v1's size, save it as train.py does, load it as edit.py does, and measure the
-fine-tuned model's own change to its noise prediction, eps_ft - eps_base, against fp32's.
+fine-tuned model's own change to its noise prediction, eps_ft - eps_base, against fp32's. Last,
+the kind of device each default is chosen for.
 """
 import functools
 
