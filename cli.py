@@ -6,6 +6,8 @@ A user's mistake ends the program with one line on stderr that says what to do, 
 import argparse
 import ctypes
 import glob
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -41,17 +43,40 @@ def is_finetuned(path):
 TOY_BASE = "toy-base.safetensors"  # the toy world's base, committed in weights/; used only when named
 
 
-def find_base(path=None):
-    """--base if given, else the one SD v1 .safetensors file in weights/ (the toy base does not count)."""
-    if path:
+MODEL_FOLDERS = "SINE_MODELS"  # the environment variable naming more folders of models, as PATH does
+
+
+def model_folders():
+    """weights/ beside the program, then each folder in $SINE_MODELS (separated by ':', ';' on Windows),
+    e.g. AUTOMATIC1111's models/Stable-diffusion: searched for bases and fine-tuned files alike."""
+    extra = [folder for folder in os.environ.get(MODEL_FOLDERS, "").split(os.pathsep) if folder]
+    return [os.path.join(PROGRAM_DIR, "weights"), *extra]
+
+
+def find_model(path):
+    """A --base or --finetuned as given; a name that is not a file there is looked for in
+    finetuned/ and in model_folders()."""
+    if os.path.exists(path) or os.path.isabs(path):
         return path
-    candidates = sorted(p for p in glob.glob(os.path.join(PROGRAM_DIR, "weights", "*.safetensors"))
+    for folder in (FINETUNED_DIR, *model_folders()):
+        if os.path.isfile(os.path.join(folder, path)):
+            return os.path.join(folder, path)
+    return path
+
+
+def find_base(path=None):
+    """--base if given, else the one SD v1 .safetensors file in weights/ or $SINE_MODELS's folders
+    (the toy base does not count)."""
+    if path:
+        return find_model(path)
+    candidates = sorted(p for folder in model_folders() for p in glob.glob(os.path.join(folder, "*.safetensors"))
                         if os.path.basename(p) != TOY_BASE and not _safe_is_finetuned(p))
     if len(candidates) == 1:
         return candidates[0]
     found = ", ".join(os.path.basename(p) for p in candidates) or "no SD v1 .safetensors file"
-    raise CheckpointError(f"weights/ holds {found}: put exactly one SD v1 .safetensors file there, "
-                          f"or choose one with --base PATH (see README: Weights; the toy world's is weights/{TOY_BASE})")
+    where = f"weights/ and ${MODEL_FOLDERS} hold" if len(model_folders()) > 1 else "weights/ holds"
+    raise CheckpointError(f"{where} {found}: put exactly one SD v1 .safetensors file there, or choose one "
+                          f"with --base NAME (see README: Weights; the toy world's is weights/{TOY_BASE})")
 
 
 def _safe_is_finetuned(path):
@@ -71,6 +96,41 @@ def recorded_path(path):
     return inside if not inside.startswith(os.pardir) else os.path.basename(path)
 
 
+def path_from(path, folder):
+    """path from folder (edit.py records each file so from its PNG's folder too); None where there is
+    no relative path (another drive on Windows)."""
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    except ValueError:
+        return None
+
+
+def model_hash(path):
+    """AUTOMATIC1111's "Model hash", which civitai matches: the first 10 hex digits of the file's
+    SHA-256. Hashing 4 GB takes seconds, so each hash is kept in weights/.hashes.json, by the file's
+    path, size and time; where that cannot be written, it is hashed again next time."""
+    stat, cache_path = os.stat(path), os.path.join(PROGRAM_DIR, "weights", ".hashes.json")
+    key = f"{os.path.abspath(path)} {stat.st_size} {stat.st_mtime_ns}"
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        cache[key] = digest.hexdigest()[:10]
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(cache_path), delete=False) as f:
+                json.dump(cache, f)
+            os.replace(f.name, cache_path)
+        except OSError:
+            pass
+    return cache[key]
+
+
 def safe_fingerprint(path):
     """A file's fingerprint, or None for anything that is not a readable safetensors file."""
     try:
@@ -80,31 +140,34 @@ def safe_fingerprint(path):
         return None
 
 
-def places(path=None, folders=("weights", FINETUNED_DIR), near=None):
-    """Where to look for a file: path (from the program's folder, or as given), then every .safetensors
-    file in folders, in near, the working folder and beside the program. Each once, in that order."""
-    found = [os.path.join(PROGRAM_DIR, path), path] if path else []
+def places(paths=(), folders=("weights", FINETUNED_DIR), near=None):
+    """Where to look for a file: each of paths (from the program's folder, or as given), then every
+    .safetensors file in folders, in near, the working folder and beside the program, and in
+    $SINE_MODELS's folders. Each once, in that order."""
+    found = [p for path in paths if path for p in (os.path.join(PROGRAM_DIR, path), path)]
     for folder in folders:
         for root in (near or PROGRAM_DIR, os.getcwd(), PROGRAM_DIR):
             found += sorted(glob.glob(os.path.join(root, folder, "*.safetensors")))
+    for folder in model_folders()[1:]:
+        found += sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     return [p for p in dict.fromkeys(os.path.abspath(p) for p in found) if os.path.isfile(p)]
 
 
-def find_by_fingerprint(fingerprint_wanted, path=None, folders=("weights", FINETUNED_DIR), near=None):
+def find_by_fingerprint(fingerprint_wanted, paths=(), folders=("weights", FINETUNED_DIR), near=None):
     """The first of places() whose fingerprint is the one wanted; None if there is none."""
-    return next((p for p in places(path, folders, near) if safe_fingerprint(p) == fingerprint_wanted), None)
+    return next((p for p in places(paths, folders, near) if safe_fingerprint(p) == fingerprint_wanted), None)
 
 
 def base_of(finetuned_path, metadata, given=None):
     """The base a fine-tuned file was made from: --base if given (edit.py checks that it matches),
-    else the file in weights/ whose fingerprint the fine-tuned file records."""
+    else the file in weights/ or $SINE_MODELS whose fingerprint the fine-tuned file records."""
     if given:
-        return given
+        return find_model(given)
     found = find_by_fingerprint(metadata.get("base_fingerprint"), folders=("weights",))
     if found is None:
         raise ValueError(f"{finetuned_path} was fine-tuned from {metadata.get('base')} (fingerprint "
-                         f"{metadata.get('base_fingerprint')}), which is not in weights/: put it there, or pass "
-                         "it as --base")
+                         f"{metadata.get('base_fingerprint')}), which is not in weights/ or ${MODEL_FOLDERS}'s "
+                         "folders: put it there, or pass it as --base")
     return found
 
 

@@ -24,7 +24,7 @@ import cli
 import outputs
 import sine
 from model import LATENT_SCALE, load_sd, read_header
-from model.loader import fingerprint, read_config
+from model.loader import describe_lora, fingerprint, is_kohya_lora, read_config
 from model.schedule import alphas_cumprod, predict_x0
 from model.vae import use_tiles
 
@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the UNets' convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (the first image is slow)")
     args = p.parse_args(argv)
+    given = {key for key in ("finetuned_prompt", "height", "width") if getattr(args, key) is not None}
     if args.from_png:
         try:
             settings = outputs.read_settings(args.from_png)
@@ -82,7 +83,7 @@ def parse_args(argv=None):
         p.set_defaults(**{**{key: value for key, value in settings.items() if key not in files},
                           "target": [settings["target"]]})
         args = p.parse_args(argv)
-    args.recorded = settings if args.from_png else None
+    args.recorded, args.given = (settings if args.from_png else None), given
     return args
 
 
@@ -132,7 +133,7 @@ def find_finetuned(paths):
     if paths == ["none"]:
         return []
     if paths:
-        return paths
+        return [cli.find_model(path) for path in paths]
     found = sorted(glob.glob(os.path.join(cli.FINETUNED_DIR, "*.safetensors")), key=os.path.getmtime)
     found = [p for p in found if not p.endswith(".resume.safetensors")]
     if not found:
@@ -149,6 +150,12 @@ def read_finetuned(path):
         raise ValueError(f"{path} is train.py's resume state; pass the fine-tuned file beside it, "
                          f"{path[:-len('.resume.safetensors')]}.safetensors")
     if "sine.finetuned" not in metadata:
+        header = read_header(path)
+        if is_kohya_lora(header):
+            raise ValueError(f"{path} is {describe_lora(metadata)}")
+        if "sine.exported_from" in metadata:
+            raise ValueError(f"{path} is a whole checkpoint that export.py made from {metadata['sine.exported_from']} "
+                             "for other programs: pass that file, the one train.py wrote, as --finetuned")
         raise ValueError(f"{path} is not a fine-tuned file from train.py (it looks like a base checkpoint: "
                          "pass it as --base)")
     if int(metadata.get("steps", 0)) < int(metadata.get("planned_steps", 0)):
@@ -163,17 +170,19 @@ def check_base(path, metadata, base, base_fingerprint):
                          f"{metadata.get('base_fingerprint')}), not from {base}: pass that file as --base")
 
 
-def find_recorded(png, flag, path, fingerprint_wanted, model=None):
-    """A file that --from's PNG names: at its recorded place, or any copy with its fingerprint in
-    weights/ or finetuned/. Else one line that says what changed. model: what the PNG recorded of a
-    fine-tuned file (its training prompt and steps)."""
+def find_recorded(png, flag, path, fingerprint_wanted, model=None, from_png=None):
+    """A file that --from's PNG names: at its recorded place (from the program's folder, or from the
+    PNG's own), or any copy with its fingerprint in weights/, finetuned/ or $SINE_MODELS. Else one
+    line that says what changed. model: what the PNG recorded of a fine-tuned file (its training
+    prompt and steps)."""
     if not fingerprint_wanted:  # a PNG from before fingerprints were recorded: the path, unchecked
         return path if os.path.isfile(path) else gone(png, flag, path)
     near = os.path.dirname(os.path.dirname(os.path.abspath(png)))  # where edit.py ran, if the PNG is in its --out
-    found = cli.find_by_fingerprint(fingerprint_wanted, path, near=near)
+    paths = [path] + ([os.path.join(os.path.dirname(os.path.abspath(png)), from_png)] if from_png else [])
+    found = cli.find_by_fingerprint(fingerprint_wanted, paths, near=near)
     if found:
         return found
-    there = next((p for p in cli.places(path, near=near) if os.path.basename(p) == os.path.basename(path)), None)
+    there = next((p for p in cli.places(paths, near=near) if os.path.basename(p) == os.path.basename(path)), None)
     if there is None:
         gone(png, flag, path)
     now = read_header(there).get("__metadata__") or {}
@@ -196,18 +205,20 @@ def recorded_files(args):
         return args.finetuned or ["none"]
     count = len(settings["finetuned"])
     fingerprints = (settings.get("fingerprints") or {}).get("finetuned") or [None] * count
-    return [find_recorded(args.from_png, "--finetuned", path, fp, model)
-            for path, fp, model in zip(settings["finetuned"], fingerprints, settings.get("models") or [None] * count)]
+    from_png = (settings.get("paths_from_png") or {}).get("finetuned") or [None] * count
+    return [find_recorded(args.from_png, "--finetuned", *found)
+            for found in zip(settings["finetuned"], fingerprints, settings.get("models") or [None] * count, from_png)]
 
 
 def choose_base(args, files, metadata):
     """--base if given; else for --from the PNG's base, found by fingerprint; else the base that the
     first fine-tuned file records; with none, the one SD v1 file in weights/."""
     if args.base:
-        return args.base
+        return cli.find_model(args.base)
     if args.recorded and not (files and args.finetuned_given):
         fp = (args.recorded.get("fingerprints") or {}).get("base")
-        return find_recorded(args.from_png, "--base", args.recorded["base"], fp)
+        from_png = (args.recorded.get("paths_from_png") or {}).get("base")
+        return find_recorded(args.from_png, "--base", args.recorded["base"], fp, from_png=from_png)
     if files:
         return cli.base_of(files[0], metadata[0])
     return cli.find_base()
@@ -246,16 +257,18 @@ def to_pil(pixels):
 LABEL_HEIGHT = 16  # pixels of the band above each image that holds its label
 
 
-def grid_image(cells, rows, cols):
+def grid_image(cells, rows, cols, title=None):
     """cells: {(row, col): (image, label)} -> one image, each label in a band above its image, so
-    that no label hides a pixel."""
+    that no label hides a pixel; a title (the target) in a band of its own above them all."""
     w, h = next(iter(cells.values()))[0].size
-    cell_h = h + LABEL_HEIGHT
-    grid = Image.new("RGB", (cols * w, rows * cell_h), "white")
+    cell_h, top = h + LABEL_HEIGHT, LABEL_HEIGHT if title else 0
+    grid = Image.new("RGB", (cols * w, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((2, 2), title, fill="black")
     for (r, c), (image, label) in cells.items():
-        grid.paste(image, (c * w, r * cell_h + LABEL_HEIGHT))
-        draw.text((c * w + 2, r * cell_h + 2), label, fill="black")
+        grid.paste(image, (c * w, top + r * cell_h + LABEL_HEIGHT))
+        draw.text((c * w + 2, top + r * cell_h + 2), label, fill="black")
     return grid
 
 
@@ -326,6 +339,7 @@ class Setup:
     device: torch.device
     precision: cli.Precision
     base_fingerprint: str
+    model_hash: str                  # AUTOMATIC1111's: the base file's SHA-256, 10 hex digits
 
 
 def choose_precision(args, device, files):
@@ -336,6 +350,21 @@ def choose_precision(args, device, files):
         choice = "auto"
     precision = cli.sampling_precision(device, choice)
     return precision if files else cli.Precision(precision.base, precision.base)  # plain SD: one UNet
+
+
+def own_prompt_and_size(args, metadata):
+    """--from PNG --finetuned OTHER: OTHER guides with its own training prompt, at its own photo's
+    aspect, not with the image's model's, unless those were given; said in one line."""
+    recorded = (args.recorded.get("fingerprints") or {}).get("finetuned")
+    if not recorded or recorded == [m["fingerprint"] for m in metadata]:
+        return
+    kept = [key for key in ("finetuned_prompt", "height", "width") if key not in args.given]
+    for key in kept:
+        setattr(args, key, None)
+    said = list(dict.fromkeys({"finetuned_prompt": "training prompt"}.get(key, "photo's aspect") for key in kept))
+    if said:
+        cli.say(f"note: {args.from_png} was made with another model than --finetuned: this edit takes the new "
+                f"model's {' and '.join(said)}, not the image's (--finetuned-prompt, --height and --width choose)")
 
 
 def load(args):
@@ -363,6 +392,8 @@ def load(args):
     for path, meta in zip(files, metadata):
         check_base(path, meta, args.base, base_fingerprint)
         meta["fingerprint"] = fingerprint(path)
+    if args.recorded and args.finetuned_given:
+        own_prompt_and_size(args, metadata)
     prompts = args.finetuned_prompt or [m["prompt"] for m in metadata]
     if len(prompts) != len(metadata):
         raise ValueError(f"--finetuned-prompt: give one prompt per --finetuned file ({len(metadata)})")
@@ -389,7 +420,8 @@ def load(args):
     for path in files:
         cli.return_freed_memory()  # the fp32 tensors each weight was read into
         finetuned.append(sine.load_finetuned(args.base, path, device, precision.finetuned, shared_vae=sd.vae))
-    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, precision, base_fingerprint)
+    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, precision, base_fingerprint,
+                 cli.model_hash(args.base))
 
 
 def trained_sizes(finetuned, metadata):
@@ -404,6 +436,9 @@ def image_settings(args, s, target, K, v, seed):
             "finetuned": [cli.recorded_path(path) for path in s.files] or ["none"],
             "finetuned_prompt": [m["sampling_prompt"] for m in s.metadata], "base": cli.recorded_path(args.base),
             "fingerprints": {"base": s.base_fingerprint, "finetuned": [m["fingerprint"] for m in s.metadata]},
+            "paths_from_png": {"base": cli.path_from(args.base, args.out),
+                               "finetuned": [cli.path_from(path, args.out) for path in s.files]},
+            "model_hash": s.model_hash,
             "K": joined(K), "v": joined(v), "scale": args.scale,
             "steps": args.steps, "eta": args.eta, "seed": seed, "width": s.width, "height": s.height,
             "precision": str(s.precision), "device": s.device.type, "tile_vae": use_tiles(args.tile_vae, s.width * s.height),
@@ -452,7 +487,7 @@ def render(args, s, autocast):
                     yield steps_strip(s.sd, watch, guides), stem + "-steps", settings
                 cells[r, c] = (image, label(K, v))
             if len(cells) > 1:
-                yield (grid_image(cells, len(s.Ks), len(s.vs)), f"seed{seed}-grid",
+                yield (grid_image(cells, len(s.Ks), len(s.vs), title=target), f"seed{seed}-grid",
                        {**settings, "K": args.K, "v": args.v, "grid": "rows K, columns v"})
 
 

@@ -15,6 +15,7 @@ lora_unet_down_blocks_0_attentions_0_..., lora_te_text_model_...), with .lora_do
 .alpha: AUTOMATIC1111, ComfyUI and diffusers load such a file onto their own SD v1 base.
 """
 import argparse
+import json
 import os
 
 import torch
@@ -56,8 +57,14 @@ def load(args):
     check_base(args.finetuned, trained, args.base, fingerprint(args.base))
     metadata = {"sine.exported_from": os.path.basename(args.finetuned), "base": os.path.basename(args.base),
                 "training_prompt": sine.training_prompt(trained["prompt"]), "steps": trained["steps"]}
-    if args.lora:  # kohya's own metadata names, which AUTOMATIC1111 shows
-        metadata.update(ss_network_dim=trained["lora_rank"], ss_network_alpha=trained["lora_alpha"])
+    if args.lora:  # kohya's own metadata names: AUTOMATIC1111 offers the tags as activation text, and
+        # files the LoRA under SD v1 by its base's version
+        caption = sine.training_prompt(trained["prompt"])
+        metadata.update(ss_network_dim=trained["lora_rank"], ss_network_alpha=trained["lora_alpha"],
+                        ss_network_module="networks.lora", ss_base_model_version="sd_v1", ss_v2="False",
+                        ss_sd_model_name=os.path.basename(args.base), ss_steps=trained["steps"],
+                        ss_output_name=os.path.splitext(os.path.basename(args.out))[0],
+                        ss_tag_frequency=json.dumps({"sine": {sine.IDENTIFIER: 1, caption: 1}}))
     elif CONFIG_KEY in base_metadata:  # a model.tiny base: its sizes go along
         metadata[CONFIG_KEY] = base_metadata[CONFIG_KEY]
     return metadata

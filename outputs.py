@@ -21,9 +21,9 @@ SETTINGS_CHUNK = "sine"
 # What --from takes from a PNG: every setting that changes the pixels, under edit.py's flag names.
 SETTINGS = ("target", "negative", "finetuned", "finetuned_prompt", "base", "K", "v", "scale", "steps", "eta",
             "seed", "width", "height", "precision", "tile_vae", "channels_last")
-# And what --from checks its files against: each file's fingerprint, and each fine-tuned file's prompt and steps
-# (PNGs from before fingerprints were recorded have none).
-FILES = ("fingerprints", "models")
+# And what --from checks and finds its files by: each file's fingerprint, each fine-tuned file's prompt and steps
+# (PNGs from before fingerprints were recorded have none), and each file's path from the PNG's folder.
+FILES = ("fingerprints", "models", "paths_from_png")
 # Recorded, and compared by --from, but not taken: the device that made the image.
 MADE_ON = ("device",)
 
@@ -38,6 +38,7 @@ def a1111_text(settings):
     """The settings as AUTOMATIC1111 writes them, with SINE's own after its usual keys."""
     fields = {"Steps": settings["steps"], "Sampler": "DDIM", "CFG scale": settings["scale"], "Seed": settings["seed"],
               "Size": f"{settings['width']}x{settings['height']}",
+              **({"Model hash": settings["model_hash"]} if settings.get("model_hash") else {}),
               "Model": os.path.splitext(os.path.basename(settings["base"]))[0], "Eta": settings["eta"]}
     models = settings["models"]  # each fine-tuned file's training prompt and steps: what it learned
     for i, (path, prompt, model) in enumerate(zip(settings["finetuned"], settings["finetuned_prompt"], models)):

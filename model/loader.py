@@ -175,6 +175,21 @@ def fingerprint(path):
 # ---------------------------------------------------------------------------------------------
 # Recognising what a file holds
 
+def is_kohya_lora(header):
+    """Adapters alone, under kohya's names (lora_unet_..., lora_te_...): what export.py --lora writes,
+    and what AUTOMATIC1111's and ComfyUI's LoRA folders hold."""
+    return any(key.startswith(("lora_unet_", "lora_te_")) for key in header)
+
+
+def describe_lora(metadata):
+    made_from = metadata.get("sine.exported_from")
+    if made_from:
+        return (f"a LoRA in kohya's layout, exported by export.py from {made_from} for AUTOMATIC1111 or ComfyUI: "
+                f"sine itself takes {made_from}, the file train.py wrote (edit.py --finetuned)")
+    return ("a LoRA in kohya's layout, made for AUTOMATIC1111 or ComfyUI: sine edits only with a model fine-tuned by "
+            "its train.py, which also learns the position map (edit.py --finetuned)")
+
+
 def describe_other_model(header):
     """Name the model family of a file that is not SD v1, or return None if it looks like SD v1."""
     keys = header.keys()
@@ -315,6 +330,8 @@ def check_sd_v1(path):
     if "sine.finetuned" in metadata:
         raise CheckpointError(f"{path} is a SINE fine-tuned file, not a base checkpoint; "
                               "pass it to edit.py --finetuned and give the SD v1 file as --base")
+    if is_kohya_lora(header):
+        raise CheckpointError(f"{path} is {describe_lora(metadata)}; it is not a base checkpoint")
     other = describe_other_model(header)
     if other:
         raise CheckpointError(f"{path} is {other}; sine needs a Stable Diffusion v1 file (e.g. v1-5-pruned-emaonly.safetensors)")

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import cli  # the repository's copy; the scripts run from a copy of it
+import edit
 from edit import LABEL_HEIGHT
 from model.tiny import TINY
 
@@ -241,7 +242,7 @@ def test_sweep_writes_every_combination_and_a_grid(sweep, trained_patch):
             assert image.size == (128, 64)
     (grid,) = sweep["grids"]
     with Image.open(grid) as image:
-        assert image.size == (2 * 128, 2 * (LABEL_HEIGHT + 64))
+        assert image.size == (2 * 128, LABEL_HEIGHT + 2 * (LABEL_HEIGHT + 64)), "a band for the target on top"
     assert parameters(grid)["seed"] == 3 and parameters(grid)["K"] == "400,900"
 
 
@@ -355,6 +356,8 @@ def test_parameters_read_back_with_an_a1111_parser(negative_run, trained_patch):
     p = parameters(path)
     assert (prompt, negative) == (SNOW, NEGATIVE)
     assert fields == {"Steps": "2", "Sampler": "DDIM", "CFG scale": "7.5", "Seed": "3", "Size": "128x64",
+                      "Model hash": sha256(os.path.join(os.path.dirname(os.path.dirname(trained_patch["path"])),
+                                                        "weights", "tiny.safetensors"))[:10],
                       "Model": "tiny", "Eta": "0.0", "SINE model": os.path.basename(trained_patch["path"]),
                       "SINE model steps": "2", "SINE training prompt": PROMPT, "SINE prompt": SAMPLING_PROMPT,
                       "SINE K": "400", "SINE v": "0.7", "Precision": "bf16/fp32" if cli.cpu_has_native_bf16() else "fp32",
@@ -393,11 +396,12 @@ def test_from_reproduces_the_pixels_and_an_override_changes_only_what_it_names(w
     path, _ = negative_run
     (again,) = printed_paths(run(workdir, "edit.py", "--from", path, "--out", tmp_path / "again"), workdir)
     assert np.array_equal(pixels(again), pixels(path))
-    assert parameters(again) == parameters(path)
+    beside = lambda png: {k: v for k, v in parameters(png).items() if k != "paths_from_png"}  # from each PNG's folder
+    assert beside(again) == beside(path)
     for flag, value, key in [("--seed", 5, "seed"), ("--K", 900, "K")]:
         (changed,) = printed_paths(run(workdir, "edit.py", "--from", path, flag, value, "--out", tmp_path / key),
                                    workdir)
-        assert parameters(changed) == {**parameters(path), key: value if key == "seed" else str(value)}
+        assert beside(changed) == {**beside(path), key: value if key == "seed" else str(value)}
         assert not np.array_equal(pixels(changed), pixels(path))
 
 
@@ -553,6 +557,69 @@ def test_from_works_from_any_folder_and_records_no_absolute_path(workdir, tmp_pa
     assert np.array_equal(pixels(again), pixels(png))
 
 
+@pytest.mark.full
+def test_from_finds_files_beside_its_outputs_folder_from_a_third_folder(workdir, base, tmp_path):
+    """The model and the base sit beside the outputs folder, outside the program's folder; --from runs
+    from a third folder and finds both by the paths recorded from the PNG's own folder."""
+    project, third = tmp_path / "project", tmp_path / "third"
+    project.mkdir()
+    third.mkdir()
+    shutil.copy(os.path.join(workdir, "castle.png"), project / "castle.png")
+    shutil.copy(base, project / "my-base.safetensors")  # the same weights under another name, elsewhere
+    run(workdir, "train.py", "castle.png", PROMPT, "--steps", 1, "--seed", 11, "--base", "my-base.safetensors",
+        "--out", "my-castle.safetensors", cwd=str(project))
+    made = run(workdir, "edit.py", "--target", "... in snow", "--finetuned", "my-castle.safetensors", "--base",
+               "my-base.safetensors", "--height", 64, "--width", 64, "--steps", 2, cwd=str(project))
+    (png,) = printed_paths(made, str(project))
+    p = parameters(png)
+    assert p["paths_from_png"] == {"base": os.path.join("..", "my-base.safetensors"),
+                                   "finetuned": [os.path.join("..", "my-castle.safetensors")]}
+    (again,) = printed_paths(edit_from(workdir, png, third, "again"), str(third))
+    assert np.array_equal(pixels(again), pixels(png))
+
+
+@pytest.mark.full
+def test_model_folders_hold_bases_and_finetuned_files(workdir, base, tmp_path):
+    """$SINE_MODELS names folders outside the program's: a base there needs no --base, a fine-tuned
+    file there is found by its name."""
+    program, models = tmp_path / "program", tmp_path / "models"
+    shutil.copytree(workdir, program, ignore=shutil.ignore_patterns("*.safetensors", "finetuned", "out-*", "outputs"))
+    models.mkdir()
+    shutil.copy(base, models / "v1-5.safetensors")
+    env = dict(os.environ, SINE_MODELS=str(models))
+    trained = subprocess.run([sys.executable, program / "train.py", "castle.png", PROMPT, "--steps", "1",
+                              "--out", models / "castle-model.safetensors"], cwd=program, env=env,
+                             capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    edited = subprocess.run([sys.executable, program / "edit.py", "--target", "... in snow", "--finetuned",
+                             "castle-model.safetensors", "--steps", "1", "--height", "64", "--width", "64"], cwd=program,
+                            env=env, capture_output=True, text=True)
+    assert edited.returncode == 0, edited.stderr[-2000:]
+    (png,) = printed_paths(edited, str(program))
+    assert parameters(png)["fingerprints"]["base"] == cli.safe_fingerprint(base)
+
+
+@pytest.mark.full
+def test_from_with_another_model_takes_its_prompt_and_aspect(workdir, negative_run, trained_patch, tmp_path):
+    """--from PNG --finetuned OTHER: OTHER guides with its own training prompt, at its own photo's
+    aspect, said in one line; given beside it, the image's are kept."""
+    Image.new("RGB", (96, 96), (30, 90, 200)).save(tmp_path / "square.png")
+    other = tmp_path / "square.safetensors"
+    run(workdir, "train.py", tmp_path / "square.png", STYLE_PROMPT, "--steps", 1, "--out", other)
+    path, _ = negative_run
+    result = run(workdir, "edit.py", "--from", path, "--finetuned", other, "--out", tmp_path / "own")
+    (own,) = printed_paths(result, workdir)
+    assert "another model than --finetuned" in result.stderr and "training prompt and photo's aspect" in result.stderr
+    assert parameters(own)["finetuned_prompt"] == [STYLE_PROMPT]
+    assert (parameters(own)["width"], parameters(own)["height"]) == (TINY.image_size, TINY.image_size)
+    kept = run(workdir, "edit.py", "--from", path, "--finetuned", other, "--finetuned-prompt", SAMPLING_PROMPT,
+               "--height", 64, "--width", 128, "--out", tmp_path / "kept")
+    (kept_png,) = printed_paths(kept, workdir)
+    assert "another model" not in kept.stderr
+    assert parameters(kept_png)["finetuned_prompt"] == [SAMPLING_PROMPT]
+    assert (parameters(kept_png)["width"], parameters(kept_png)["height"]) == (128, 64)
+
+
 def test_help_shows_every_default(workdir, monkeypatch):
     """Every option that takes a value says its default (--target and --from have none), and --help prints them."""
     import argparse
@@ -582,14 +649,18 @@ def test_help_shows_every_default(workdir, monkeypatch):
 
 
 def test_grid_labels_sit_above_the_images(sweep):
-    """Each cell of the grid is its image, whole, under a band that holds the label."""
+    """Each cell of the grid is its image, whole, under a band that holds the label; above them all,
+    a band holds the target."""
     (grid,) = sweep["grids"]
     cells = pixels(grid)
+    title = cells[:LABEL_HEIGHT]
+    assert (title < 128).any() and (title == 255).mean() > 0.5, "the title band holds dark text on white"
+    assert cells.shape[0] == LABEL_HEIGHT + 2 * (LABEL_HEIGHT + pixels(next(iter(sweep["singles"].values()))).shape[0])
     for (row, (K, v)) in enumerate([(400, 0.5), (400, 1.0), (900, 0.5), (900, 1.0)]):
         r, c = divmod(row, 2)
         single = pixels(sweep["singles"][K, v])
         h, w = single.shape[:2]
-        top = r * (LABEL_HEIGHT + h)
+        top = LABEL_HEIGHT + r * (LABEL_HEIGHT + h)
         assert np.array_equal(cells[top + LABEL_HEIGHT:top + LABEL_HEIGHT + h, c * w:(c + 1) * w], single)
         band = cells[top:top + LABEL_HEIGHT, c * w:(c + 1) * w]
         assert (band < 128).any() and (band == 255).mean() > 0.5, "the band holds dark text on white"
@@ -598,7 +669,8 @@ def test_grid_labels_sit_above_the_images(sweep):
 def test_gitignore_covers_what_the_commands_write(tmp_path):
     written = ["outputs/00000-seed0-K400-v0.7.png", "finetuned/cat.safetensors", "finetuned/cat.resume.safetensors",
                "finetuned/cat.loss.csv", "finetuned/cat.preview-000100.png", "exported/cat.safetensors",
-               "pictures/crops.jpg", "replication/seed-1/results.json", "weights/v1-5-pruned-emaonly.safetensors"]
+               "pictures/crops.jpg", "replication/seed-1/results.json", "weights/v1-5-pruned-emaonly.safetensors",
+               "weights/.hashes.json", "finetuned/cat-000200.safetensors", "finetuned/cat.lock"]
     result = subprocess.run(["git", "-C", REPO, "check-ignore", "--no-index", *written], capture_output=True, text=True)
     assert result.stdout.split() == written, f"not ignored: {sorted(set(written) - set(result.stdout.split()))}"
 
@@ -686,8 +758,8 @@ def test_stopped_resumed_and_previewed_runs_end_alike(toy_scene, tmp_path, monke
     assert "interrupted at step 1 of 2" in capsys.readouterr().err
     assert (tmp_path / "stopped" / "scene.resume.safetensors").exists()
     monkeypatch.setattr(train, "Stop", NeverStop)
-    train.main(stopped + ["--resume"])
-    assert not (tmp_path / "stopped" / "scene.resume.safetensors").exists(), "finished: the state is gone"
+    train.main(stopped + ["--resume", "--no-keep-state"])
+    assert not (tmp_path / "stopped" / "scene.resume.safetensors").exists(), "--no-keep-state: the state is gone"
 
     with safe_open(tmp_path / "whole" / "scene.safetensors", framework="pt") as a, \
             safe_open(tmp_path / "stopped" / "scene.safetensors", framework="pt") as b:
@@ -696,6 +768,115 @@ def test_stopped_resumed_and_previewed_runs_end_alike(toy_scene, tmp_path, monke
         assert any(a.get_tensor(k).abs().max() > 0 for k in a.keys() if "lora_down" not in k), "it trained"
         assert all(("lora_" in k) == bool(lora) for k in a.keys())
     assert [r[0] for r in loss_log(tmp_path / "stopped" / "scene.loss.csv")] == ["0", "1", "2"]
+
+
+def weights(path):
+    with safe_open(path, framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[1][k], b[1][k]) for k in a[1]) and a[1].keys() == b[1].keys()
+
+
+def test_a_short_resume_keeps_the_plan_and_a_finished_run_extends(toy_scene, tmp_path, monkeypatch, capsys):
+    """A run planned for 3 steps, stopped after 1: `--resume --steps 2` stops at 2 and keeps the state
+    and the plan; `--resume` finishes the plan; `--resume --steps 4` extends the finished run. Each
+    file is bitwise that of one run straight through, whose --save-every kept numbered checkpoints."""
+    import train
+    command = [str(toy_scene / "scene.png"), TOY_PROMPT, "--base", TOY_BASE]
+    monkeypatch.setattr(train, "Stop", NeverStop)
+    whole = tmp_path / "whole" / "scene.safetensors"
+    train.main(command + ["--out", str(whole), "--steps", "4", "--save-every", "1"])
+    checkpoint = lambda step: whole.parent / f"scene-00000{step}.safetensors"
+    assert sorted(n for n in os.listdir(whole.parent) if n.endswith(".safetensors")) == \
+        [checkpoint(step).name for step in (1, 2, 3)] + ["scene.resume.safetensors", "scene.safetensors"]
+
+    out = tmp_path / "cut" / "scene.safetensors"
+    monkeypatch.setattr(train, "Stop", StopAfterOneStep)
+    with pytest.raises(SystemExit):
+        train.main(command + ["--out", str(out), "--steps", "3"])
+    monkeypatch.setattr(train, "Stop", NeverStop)
+    capsys.readouterr()
+    train.main(command + ["--out", str(out), "--resume", "--steps", "2"])
+    assert "stopped at step 2 of the planned 3" in capsys.readouterr().err
+    assert weights(out)[0]["steps"] == "2" and weights(out)[0]["planned_steps"] == "3"
+    assert same_weights(weights(out), weights(checkpoint(2)))
+    train.main(command + ["--out", str(out), "--resume"])
+    assert weights(out)[0]["steps"] == weights(out)[0]["planned_steps"] == "3"
+    assert same_weights(weights(out), weights(checkpoint(3)))
+    assert "kept the resume state" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        train.main(command + ["--out", str(out), "--resume"])
+    assert "has done its 3 steps: extend it with --resume --steps N" in str(refused.value.code)
+    train.main(command + ["--out", str(out), "--resume", "--steps", "4"])
+    assert weights(out)[0]["steps"] == weights(out)[0]["planned_steps"] == "4"
+    assert same_weights(weights(out), weights(whole))
+    assert [r[0] for r in loss_log(tmp_path / "cut" / "scene.loss.csv")] == ["0", "1", "2", "3", "4"]
+
+    # a numbered checkpoint is a fine-tuned file like any: edit.py and --from take it
+    edit_args = ["--target", "a striped red circle on a yellow background", "--finetuned", str(checkpoint(2)),
+                 "--steps", "2", "--out", str(tmp_path / "pngs")]
+    capsys.readouterr()
+    edit.main(edit_args)
+    (png,) = capsys.readouterr().out.split()
+    edit.main(["--from", png, "--out", str(tmp_path / "again")])
+    (again,) = capsys.readouterr().out.split()
+    assert np.array_equal(pixels(png), pixels(again))
+
+
+def test_nothing_optional_ends_a_run(toy_scene, tmp_path, monkeypatch, capsys):
+    """A preview or loss log that cannot be written (here a folder stands where the file goes) is a
+    warning: the run goes on and saves. `--out runs/`, a folder not there yet, is made."""
+    import train
+    monkeypatch.setattr(train, "Stop", NeverStop)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "scene.preview-000002.png").mkdir()
+    (runs / "scene.loss.csv").mkdir()
+    train.main([str(toy_scene / "scene.png"), TOY_PROMPT, "--base", TOY_BASE, "--steps", "2", "--preview-every", "2",
+                "--out", str(runs) + os.sep])
+    captured = capsys.readouterr()
+    assert captured.out.split() == [str(runs / "scene.safetensors")]
+    said = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("warning:")]
+    assert len(said) == 2, said
+    assert any("preview of step 2" in line for line in said) and any("loss log" in line for line in said), said
+    assert weights(runs / "scene.safetensors")[0]["steps"] == "2"
+
+    train.main([str(toy_scene / "scene.png"), TOY_PROMPT, "--base", TOY_BASE, "--steps", "1",
+                "--out", str(tmp_path / "new" / "folder") + os.sep, "--seed", "-1"])
+    captured = capsys.readouterr()
+    assert captured.out.split() == [str(tmp_path / "new" / "folder" / "scene.safetensors")]
+    (seed,) = [line.split(": ")[1] for line in captured.err.splitlines() if line.startswith("seed: ")]
+    assert weights(tmp_path / "new" / "folder" / "scene.safetensors")[0]["seed"] == seed, "the drawn seed is recorded"
+
+
+def test_overwrite_replaces_the_earlier_run_only_once_it_saves(toy_scene, tmp_path, monkeypatch, capsys):
+    """A diverged --overwrite run leaves the earlier run as it was, loss log included; one that saves
+    takes its place, with none of the earlier previews or checkpoints left beside it."""
+    import train
+    monkeypatch.setattr(train, "Stop", NeverStop)
+    out = tmp_path / "scene.safetensors"
+    command = [str(toy_scene / "scene.png"), TOY_PROMPT, "--base", TOY_BASE, "--out", str(out)]
+    train.main(command + ["--steps", "3", "--preview-every", "3", "--save-every", "2"])
+    earlier = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert {"scene.loss.csv", "scene.preview-000003.png", "scene-000002.safetensors"} <= earlier.keys()
+    with pytest.raises(SystemExit) as diverged:
+        train.main(command + ["--steps", "6", "--lr", "0.5", "--overwrite"])
+    assert "diverged" in str(diverged.value.code) and "the earlier run's files are kept" in str(diverged.value.code)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == earlier
+    capsys.readouterr()
+    train.main(command + ["--steps", "1", "--overwrite"])
+    assert "replaced when this run first saves" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["scene.loss.csv", "scene.resume.safetensors", "scene.safetensors"]
+    assert [r[0] for r in loss_log(tmp_path / "scene.loss.csv")] == ["0", "1"]
+
+
+def test_out_of_memory_names_the_flag_that_caused_it():
+    import train
+    args = train.parse_args(["photo.png", PROMPT, "--batch", "512"])
+    hint = train.memory_hint(args, torch.device("cpu"))
+    assert "--batch 512" in hint and "lower --batch" in hint and "14.8" not in hint
 
 
 @pytest.mark.full

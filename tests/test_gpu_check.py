@@ -32,17 +32,21 @@ def rehearse(tmp_path, *parts):
 
 
 def test_the_gpu_check_rehearses_on_the_cpu(tmp_path):
-    """Every part but the benchmark, which takes a minute even at tiny size: the full tier runs it."""
-    report = rehearse(tmp_path, *[part for part in FIELDS if part != "bench"])
+    """Every part but the memory caps and the benchmark, which take a minute even at tiny size: the
+    full tier runs those."""
+    report = rehearse(tmp_path, *[part for part in FIELDS if part not in ("caps", "bench")])
     assert report["gpu_tier"]["rc"] == 0, report["gpu_tier"]
     for kind in ("full", "lora8"):
         train = report["train"][kind]
         assert train["killed"]["rc"] == -9 and train["resumed"]["rc"] == 0 and train["step_seconds"] > 0, train
-    measured = list(runs({k: report[k] for k in ("edit", "caps")}))
-    assert len(measured) == 6 and all(r["rc"] == 0 and r["peak_rss_gb"] > 0 for r in measured), measured
+    measured = list(runs(report["edit"]))
+    assert len(measured) == 2 and all(r["rc"] == 0 and r["peak_rss_gb"] > 0 for r in measured), measured
 
 
 @pytest.mark.full
-def test_the_gpu_checks_benchmark_rehearses_on_the_cpu(tmp_path):
-    bench = rehearse(tmp_path, "device", "bench")["bench"]
+def test_the_gpu_checks_caps_and_benchmark_rehearse_on_the_cpu(tmp_path):
+    report = rehearse(tmp_path, "device", "caps", "bench")
+    measured = list(runs(report["caps"]))
+    assert len(measured) == 4 and all(r["rc"] == 0 and r["peak_rss_gb"] > 0 for r in measured), measured
+    bench = report["bench"]
     assert bench["rc"] == 0 and bench["results"], bench

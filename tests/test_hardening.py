@@ -276,6 +276,21 @@ def resume_state(step, planned, truncated=False):
     return make
 
 
+def kohya_lora(path, root):
+    """Adapters as export.py --lora writes them (two layers suffice)."""
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
+               "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1), "lora_unet_conv_in.alpha": torch.tensor(4.0),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32)}, path,
+              metadata={"sine.exported_from": "castle.safetensors", "ss_network_dim": "4"})
+
+
+def whole_export(path, root):
+    """A base with the metadata that export.py writes into a whole checkpoint."""
+    with safe_open(os.path.join(root, "weights", "tiny.safetensors"), framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, path,
+                  metadata={**f.metadata(), "sine.exported_from": "castle.safetensors"})
+
+
 def text_file(path, root):
     Path(path).write_text("not a photo\n")
 
@@ -369,6 +384,8 @@ ROWS = [
     base_row("base-inpainting", "inpaint.safetensors", INPAINTING, "inpainting", "9 input channels", NOT_V1),
     base_row("base-random-keys", "other.safetensors", RANDOM_KEYS, "not a Stable Diffusion checkpoint", NOT_V1),
     base_row("base-wrong-shapes", "odd.safetensors", base_without_config, "does not match the SD v1 layout"),
+    base_row("base-is-a-kohya-lora", "lora.safetensors", kohya_lora, "LoRA in kohya's layout", "castle.safetensors",
+             "not a base checkpoint"),
     base_row("base-is-finetuned", "ft.safetensors", finetuned_copy("ft"), "fine-tuned file", "--finetuned", "--base"),
     # numbers and the output
     train_row("train-steps-0", "photo.png", PROMPT, "--steps", "0", words=["--steps", "at least 1", "got 0"]),
@@ -378,13 +395,13 @@ ROWS = [
               words=["mine.safetensors", "exists", "--overwrite"], inputs={"mine.safetensors": finetuned_copy("mine")}),
     train_row("train-out-under-a-file", "photo.png", PROMPT, "--out", "blocker/ft.safetensors",
               words=["blocker", "cannot write", "--out"], inputs={"blocker": regular_file}),
-    train_row("train-out-is-a-folder", "photo.png", PROMPT, "--out", "results",
-              words=["results", "folder", "--out"], inputs={"results/keep.txt": text_file}),
+    train_row("train-out-a-pickle-name", "photo.png", PROMPT, "--out", "tri.ckpt",
+              words=["--out tri.ckpt", ".safetensors", "pickle", "--out tri.safetensors"]),
     train_row("train-resume-without-state", "photo.png", PROMPT, "--resume",
               words=["--resume", "photo.resume.safetensors", "--save-every"]),
     train_row("train-out-is-an-unfinished-run", "photo.png", PROMPT,
               words=[os.path.join("finetuned", "photo.safetensors"), "unfinished run", "step 5 of 1000", "--overwrite",
-                     "deletes its resume state", "continue it with: python train.py photo.png", "--resume"],
+                     "which replaces it", "continue it with: ", "train.py photo.png", "--resume"],
               inputs={"finetuned/photo.safetensors": finetuned_copy("photo"),
                       "finetuned/photo.resume.safetensors": resume_state(5, 1000)}),
     train_row("train-resume-state-truncated", "photo.png", PROMPT, "--resume",
@@ -409,6 +426,12 @@ ROWS = [
              words=["{finetuned}", "fine-tuned from tiny.safetensors", "{other_base}", "--base"]),
     edit_row("finetuned-is-a-resume-state", words=["castle.resume.safetensors", "resume state", "castle.safetensors"],
              inputs={"castle.resume.safetensors": finetuned_copy("resume")}, finetuned="castle.resume.safetensors"),
+    edit_row("finetuned-is-a-kohya-lora", words=["lora.safetensors", "LoRA in kohya's layout", "export.py",
+                                                 "castle.safetensors", "the file train.py wrote"],
+             inputs={"lora.safetensors": kohya_lora}, finetuned="lora.safetensors"),
+    edit_row("finetuned-is-a-whole-export", words=["whole.safetensors", "export.py", "castle.safetensors",
+                                                   "the one train.py wrote"],
+             inputs={"whole.safetensors": whole_export}, finetuned="whole.safetensors"),
     edit_row("finetuned-missing", words=["nope.safetensors", "no such file"], finetuned="nope.safetensors"),
     edit_row("finetuned-truncated", words=["cut.safetensors", "truncated", "train.py wrote it", "fine-tune again"],
              inputs={"cut.safetensors": truncated_finetuned}, finetuned="cut.safetensors"),
@@ -567,8 +590,8 @@ def test_table_as_processes(row, table, root):
         assert result.returncode == 0, f"{row.id}: the photo was refused:\n{result.stderr[-2000:]}"
         out = os.path.join("finetuned", os.path.splitext(args[0])[0] + ".safetensors")
         assert result.stdout.strip() == out
-        log = os.path.splitext(out)[0] + ".loss.csv"
-        assert set(changes(before, after)) == {"finetuned" + os.sep, out, log}, changes(before, after)
+        log, state = (os.path.splitext(out)[0] + ext for ext in (".loss.csv", ".resume.safetensors"))
+        assert set(changes(before, after)) == {"finetuned" + os.sep, out, log, state}, changes(before, after)
         _, metadata = load_tensors(os.path.join(folder, out))
         assert metadata["source_size"] == "{}x{}".format(*row.accepted), "EXIF rotation not applied?"
         return
@@ -716,6 +739,8 @@ def train_command(root, out, *extra, steps=2):
 
 @pytest.mark.full
 def test_kill_9_then_resume_matches_an_uninterrupted_run(root, tmp_path):
+    """No --save-every: the resume state that --state-every saves (every 30 minutes by default; here
+    after every step) is what a kill -9 leaves."""
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd = str(tmp_path)
     killed_out, state = tmp_path / "killed" / "castle.safetensors", tmp_path / "killed" / "castle.resume.safetensors"
@@ -723,7 +748,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(root, tmp_path):
     reference_log = open(tmp_path / "reference.txt", "w+")
     reference = subprocess.Popen(train_command(root, "ref/castle.safetensors"), cwd=cwd, env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=reference_log, text=True)
-    victim = subprocess.Popen(train_command(root, str(killed_out), "--save-every", "1"), cwd=cwd, env=ENV,
+    victim = subprocess.Popen(train_command(root, str(killed_out), "--state-every", "1e-6"), cwd=cwd, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 500
@@ -745,13 +770,14 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(root, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.isfile(os.path.join(cwd, result.stdout.strip()))
 
-    resumed = subprocess.run(train_command(root, str(killed_out), "--save-every", "1", "--resume"), cwd=cwd, env=ENV,
+    resumed = subprocess.run(train_command(root, str(killed_out), "--resume"), cwd=cwd, env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     reference.wait(timeout=600)
     reference_log.close()
     assert reference.returncode == 0, (tmp_path / "reference.txt").read_text()[-2000:]
-    assert not state.exists(), "a finished run leaves no resume state"
+    assert load_tensors(str(state))[1]["step"] == "2", "a finished run keeps its resume state, to be extended"
+    assert not [n for n in os.listdir(killed_out.parent) if n.startswith("castle-")], "--save-every keeps checkpoints"
 
     final, metadata = load_tensors(str(killed_out))
     expected, expected_metadata = load_tensors(str(tmp_path / "ref" / "castle.safetensors"))
@@ -821,20 +847,19 @@ def test_interrupted_run_saves_exits_nonzero_and_says_how_to_resume(root, tmp_pa
 
     # The printed command continues the run to the end.
     command = shlex.split(line.split("continue with: ", 1)[1])
-    assert command[:2] == ["python", "train.py"]
-    result = subprocess.run(script(root, "train.py") + command[2:], cwd=cwd, env=ENV, capture_output=True,
-                            text=True, timeout=600)
+    assert command[:2] == script(root, "train.py"), "as the user ran it"
+    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ft/castle.safetensors"
     _, metadata = load_tensors(str(out))
     assert metadata["steps"] == metadata["planned_steps"] == "3"
-    assert not (tmp_path / "ft" / "castle.resume.safetensors").exists()
+    assert load_tensors(str(tmp_path / "ft" / "castle.resume.safetensors"))[1]["step"] == "3", "kept, to extend"
 
 
 @pytest.mark.full
 def test_an_unfinished_run_is_never_replaced_without_a_word(root, tmp_path):
     """The same command again is refused with the --resume command; --overwrite starts over and says
-    in one line that it deletes the unfinished run's resume state."""
+    in one line that the unfinished run is replaced once it saves."""
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd, state = str(tmp_path), tmp_path / "ft" / "castle.resume.safetensors"
     process, log = start_training(root, cwd, "ft/castle.safetensors", "--save-every", "1", steps=50,
@@ -856,11 +881,39 @@ def test_an_unfinished_run_is_never_replaced_without_a_word(root, tmp_path):
     over = subprocess.run(train_command(root, "ft/castle.safetensors", "--overwrite", steps=2), cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert over.returncode == 0, over.stderr[-2000:]
-    said = [l for l in over.stderr.replace("\r", "\n").splitlines() if "resume state" in l]
-    assert said == [f"--overwrite: starting over; deleted the resume state of the unfinished run (it was at step "
-                    f"{done} of 50)"]
-    assert not state.exists()
+    said = [l for l in over.stderr.replace("\r", "\n").splitlines() if l.startswith("--overwrite")]
+    assert len(said) == 1 and f"the unfinished run (at step {done} of 50)" in said[0], said
+    assert "replaced when this run first saves" in said[0]
+    assert load_tensors(str(state))[1]["step"] == "2", "the new run's state"
     assert load_tensors(str(tmp_path / "ft" / "castle.safetensors"))[1]["steps"] == "2"
+
+
+@pytest.mark.full
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(root, tmp_path):
+    """Two real processes: while one trains, another aimed at its file (even with --overwrite) is
+    refused in one line that names the first's pid, and changes nothing; once the first has ended,
+    its file can be extended."""
+    Image.fromarray(photo_array()).save(tmp_path / "photo.png")
+    cwd = str(tmp_path)
+    first, log = start_training(root, cwd, "ft/castle.safetensors", steps=50)
+    try:
+        ours = lambda: {k: v for k, v in snapshot(os.path.join(cwd, "ft")).items() if "loss.csv" not in k}  # it logs
+        before = ours()
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            second = subprocess.run(train_command(root, "ft/castle.safetensors", *extra, steps=3), cwd=cwd, env=ENV,
+                                    capture_output=True, text=True, timeout=600)
+            line = error_line(second.stderr)
+            assert second.returncode != 0 and second.stdout == "", line
+            assert f"being trained by another run (pid {first.pid}" in line and "another --out" in line, line
+        assert not changes(before, ours()), "the second run touched the first's files"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        finish(first, log)
+    assert first.returncode == 143
+    assert not (tmp_path / "ft" / "castle.lock").exists(), "the lock goes with its run"
+    extended = subprocess.run(train_command(root, "ft/castle.safetensors", "--resume", steps=51), cwd=cwd, env=ENV,
+                              capture_output=True, text=True, timeout=600)
+    assert extended.returncode == 0, extended.stderr[-2000:]
 
 
 @pytest.mark.full
@@ -1221,11 +1274,9 @@ def test_diverging_run_stops_and_keeps_the_last_good_save(root, tmp_path, option
     line = last_line(result.stderr)
     assert result.returncode != 0 and result.stdout == ""
     assert line.startswith("error: training diverged") and when in line and "--lr" in line, line
-    assert "last good save, ft/castle.safetensors, is kept" in line, line
-    # Only the loss log changed: it records the run that diverged, up to its last finite loss.
-    assert set(changes(before, snapshot(cwd))) == {os.path.join("ft", "castle.loss.csv")}, "the earlier save changed"
-    steps = [row.split(",")[0] for row in (tmp_path / "ft" / "castle.loss.csv").read_text().splitlines()]
-    assert steps[:3] == ["step", "0", "1"] and len(steps) < 2 + 4
+    assert "the earlier run's files are kept as they were" in line, line
+    # Nothing changed, the loss log included: it stays the earlier run's, beside the earlier model.
+    assert not changes(before, snapshot(cwd)), "the earlier run changed"
 
     # With nothing saved before, no weights are written at all.
     result = run(root, "train.py", "photo.png", PROMPT, "--steps", "4", "--lr", "1e12", "--out",
@@ -1233,6 +1284,8 @@ def test_diverging_run_stops_and_keeps_the_last_good_save(root, tmp_path, option
     line = last_line(result.stderr)
     assert result.returncode != 0 and "nothing was saved" in line, line
     assert [files for _, _, files in os.walk(tmp_path / "fresh") if files] == [["castle.loss.csv"]]
+    steps = [row.split(",")[0] for row in (tmp_path / "fresh" / "castle.loss.csv").read_text().splitlines()]
+    assert steps[:3] == ["step", "0", "1"] and len(steps) < 2 + 4, "the log of the run that diverged"
     all_finite(cwd)
 
 

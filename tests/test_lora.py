@@ -1,5 +1,6 @@
 """train.py --lora (model/lora.py): adapters that start as the base, learn, save, merge, and export
 to kohya's layout, which diffusers' own LoRA loading reads."""
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,11 @@ def test_export_loads_in_diffusers_and_matches_our_merged_model(base_path, tmp_p
     exported = str(tmp_path / "kohya.safetensors")
     subprocess.run([sys.executable, "export.py", finetuned, "--lora", "--fp32", "--base", base_path, "--out", exported],
                    cwd=REPO, check=True, capture_output=True)
+
+    with safe_open(exported, framework="pt") as f:  # what AUTOMATIC1111 reads: the base's version, the tags
+        metadata = f.metadata()
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert "sks" in json.loads(metadata["ss_tag_frequency"])["sine"]
 
     unet, clip = reference_unet(TINY.unet, base_path), reference_clip(TINY.text_encoder, base_path)
     state, alphas = StableDiffusionPipeline.lora_state_dict(exported)

@@ -59,6 +59,12 @@ def test_readme_has_the_commands_a_newcomer_needs():
     scripts = {shlex.split(line)[1] for _, line in readme_commands()}
     assert {"train.py", "edit.py", "-m"} <= scripts
     assert any(heading == ONE_MINUTE_CHECK for heading, _ in readme_commands())
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text, "the CPU build, before pip"
+    assert text.index("whl/cpu") < text.index("pip install -r requirements.txt")
+    check = text[text.index(ONE_MINUTE_CHECK):text.index("## Using it")]
+    assert "`[*]` takes the shape's word's place" in check, "why the toy's prompt has no noun after [*]"
 
 
 @pytest.mark.full

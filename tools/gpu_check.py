@@ -124,7 +124,8 @@ def gpu_tier_part(args):
 def train_runs(args, work, name, steps, extra=(), cap_gb=0, kill_after=None):
     """train.py for `steps`; with kill_after, SIGKILL once its step-kill_after save is on disk, then --resume."""
     out = os.path.join(work, f"{name}.safetensors")
-    command = ["train.py", PHOTO, PROMPT, "--base", args.base, "--out", out, "--steps", steps, "--overwrite", *extra]
+    command = ["train.py", PHOTO, PROMPT, "--base", args.base, "--out", out, "--steps", steps, "--overwrite",
+               "--no-keep-state", *extra]  # 11.8 GB a state: the disk holds few
     if not kill_after:
         return {"run": run(*command, cap_gb=cap_gb)}
     state = os.path.splitext(out)[0] + ".resume.safetensors"
@@ -194,7 +195,7 @@ def prepare(args, work):
                    cwd=HERE, check=True, capture_output=True)
     args.finetuned = os.path.join(work, "one-step.safetensors")
     subprocess.run([sys.executable, "train.py", PHOTO, PROMPT, "--base", args.base, "--out", args.finetuned,
-                    "--steps", "1"], cwd=HERE, check=True, capture_output=True)
+                    "--steps", "1", "--no-keep-state"], cwd=HERE, check=True, capture_output=True)
 
 
 def main(argv=None):

@@ -116,7 +116,7 @@ def experiments(args, seed, scene, target, folder):
 
     def train(name, size, *flags):
         return run("train.py", sources[size], prompt(scene, identifier=True), "--base", args.base,
-                   "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite",
+                   "--seed", seed, "--out", os.path.join(folder, f"{name}.safetensors"), "--overwrite", "--no-keep-state",
                    "--no-grad-checkpointing", "--lora", args.lora, *flags, threads=one_core)[-1]
 
     base, asked = ["--base", args.base], ["--target", prompt(target)]
