@@ -18,13 +18,15 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageDraw
 
 import cli
+import finetuned_file
 import outputs
+import pictures
 import sine
-from model import LATENT_SCALE, load_sd, read_header
-from model.loader import describe_lora, fingerprint, is_kohya_lora, read_config
+from model import load_sd, read_header
+from model.loader import fingerprint, read_config
+from model.ddim import classifier_free_guidance
 from model.schedule import alphas_cumprod, predict_x0
 from model.vae import use_tiles
 
@@ -68,10 +70,14 @@ def parse_args(argv=None):
                    help="decode in overlapping 512-pixel tiles to save memory (default: above 1024x1024 pixels)")
     p.add_argument("--strip", action="store_true",
                    help="also save each image's steps: every DDIM step's predicted clean image; under each "
-                        "guided step, what the pre-trained and the fine-tuned model would make of it alone "
-                        "(one VAE decode per picture)")
+                        "guided step, what the pre-trained and the fine-tuned model would make of it alone in "
+                        "Eq. 3, and what the fine-tuned model draws with its own guidance (one more UNet pass a "
+                        "guided step, one VAE decode per picture)")
     p.add_argument("--channels-last", action="store_true", help="NHWC layout for the UNets' convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets (the first image is slow)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: one a core); on a busy machine, 1 keeps threads from waiting on "
+                        "each other, which made a toy step 20 times slower")
     args = p.parse_args(argv)
     given = {key for key in ("finetuned_prompt", "height", "width") if getattr(args, key) is not None}
     if args.from_png:
@@ -104,31 +110,6 @@ def parse_sweep(text, flag, n_models, kind, low, high):
     return values
 
 
-MAX_SIZE = 4096  # pixels a side; SD v1 was trained at 512, and far beyond this the VAE decoder fits no GPU
-
-
-def size_step(config):
-    """Sides must be multiples of this: the VAE's factor times the UNet's halvings, 8 x 8 = 64 for SD v1."""
-    return config.vae.factor * 2 ** (len(config.unet.channel_mult) - 1)
-
-
-def check_size(value, flag, step=64):
-    if value is not None and (value < step or value > MAX_SIZE or value % step):
-        clamp = lambda x: min(max(x, step), MAX_SIZE)
-        nearest = sorted({clamp(value // step * step), clamp(-(-value // step) * step)})
-        raise ValueError(f"--{flag} {value}: must be a multiple of {step} from {step} to {MAX_SIZE} "
-                         f"(nearest: {' or '.join(map(str, nearest))})")
-
-
-def default_size(source_size, height, width, native=512, step=64):
-    """The source photo's aspect ratio, rounded to multiples of step: the base's native size (512
-    for SD v1) on the short side, or the one side given."""
-    w, h = source_size
-    scale = height / h if height else width / w if width else native / min(w, h)
-    rounded = lambda x: max(step, round(x * scale / step) * step)
-    return height or rounded(h), width or rounded(w)
-
-
 def find_finetuned(paths):
     if paths == ["none"]:
         return []
@@ -141,33 +122,6 @@ def find_finetuned(paths):
                          "pass --finetuned PATH, or --finetuned none for plain SD")
     cli.say(f"fine-tuned: {found[-1]} (the newest in {cli.FINETUNED_DIR}/)")
     return found[-1:]
-
-
-def read_finetuned(path):
-    """A fine-tuned file's metadata, after checking that it is one."""
-    metadata = read_header(path).get("__metadata__") or {}
-    if path.endswith(".resume.safetensors"):
-        raise ValueError(f"{path} is train.py's resume state; pass the fine-tuned file beside it, "
-                         f"{path[:-len('.resume.safetensors')]}.safetensors")
-    if "sine.finetuned" not in metadata:
-        header = read_header(path)
-        if is_kohya_lora(header):
-            raise ValueError(f"{path} is {describe_lora(metadata)}")
-        if "sine.exported_from" in metadata:
-            raise ValueError(f"{path} is a whole checkpoint that export.py made from {metadata['sine.exported_from']} "
-                             "for other programs: pass that file, the one train.py wrote, as --finetuned")
-        raise ValueError(f"{path} is not a fine-tuned file from train.py (it looks like a base checkpoint: "
-                         "pass it as --base)")
-    if int(metadata.get("steps", 0)) < int(metadata.get("planned_steps", 0)):
-        cli.say(f"note: {path} is unfinished, trained for {metadata['steps']} of {metadata['planned_steps']} "
-                "steps (train.py --resume continues it); editing with it anyway")
-    return metadata
-
-
-def check_base(path, metadata, base, base_fingerprint):
-    if metadata.get("base_fingerprint") != base_fingerprint:
-        raise ValueError(f"{path} was fine-tuned from {metadata.get('base')} (fingerprint "
-                         f"{metadata.get('base_fingerprint')}), not from {base}: pass that file as --base")
 
 
 def find_recorded(png, flag, path, fingerprint_wanted, model=None, from_png=None):
@@ -215,7 +169,7 @@ def choose_base(args, files, metadata):
     first fine-tuned file records; with none, the one SD v1 file in weights/."""
     if args.base:
         return cli.find_model(args.base)
-    if args.recorded and not (files and args.finetuned_given):
+    if args.recorded and not (files and args.finetuned):
         fp = (args.recorded.get("fingerprints") or {}).get("base")
         from_png = (args.recorded.get("paths_from_png") or {}).get("base")
         return find_recorded(args.from_png, "--base", args.recorded["base"], fp, from_png=from_png)
@@ -233,10 +187,10 @@ def check_args(args):
         raise ValueError(f"--n must be at least 1 (got {args.n})")
     if not 0 <= args.eta <= 1:
         raise ValueError(f"--eta must be between 0 and 1 (got {args.eta})")
+    seed = random.randrange(2**32) if args.seed == -1 else args.seed
     if args.seed == -1:
-        args.seed = random.randrange(2**32)
-        cli.say(f"seed: {args.seed}")
-    cli.check_seed(args.seed, args.n, random_too=True)
+        cli.say(f"seed: {seed}")
+    cli.check_seed(seed, args.n, random_too=True)
     if not args.target:
         raise ValueError('--target is needed: the edit, e.g. --target "... covered by snow" (or --from PNG)')
     for flag, prompts in (("--target", args.target), ("--negative", [args.negative])):
@@ -245,40 +199,21 @@ def check_args(args):
                              'class instead ("a castle in snow"), or continue the training prompt ("... in snow")')
     if os.path.isfile(args.out) or args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
         raise ValueError(f"--out {args.out} names a file, but --out is the folder for the PNGs, e.g. --out results")
+    return seed
 
 
 # ---------------------------------------------------------------------------------------------
 
-def to_pil(pixels):
-    array = ((pixels[0].float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
-    return Image.fromarray(array.numpy())
-
-
-LABEL_HEIGHT = 16  # pixels of the band above each image that holds its label
-
-
-def grid_image(cells, rows, cols, title=None):
-    """cells: {(row, col): (image, label)} -> one image, each label in a band above its image, so
-    that no label hides a pixel; a title (the target) in a band of its own above them all."""
-    w, h = next(iter(cells.values()))[0].size
-    cell_h, top = h + LABEL_HEIGHT, LABEL_HEIGHT if title else 0
-    grid = Image.new("RGB", (cols * w, top + rows * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((2, 2), title, fill="black")
-    for (r, c), (image, label) in cells.items():
-        grid.paste(image, (c * w, top + r * cell_h + LABEL_HEIGHT))
-        draw.text((c * w + 2, top + r * cell_h + 2), label, fill="black")
-    return grid
-
-
 class StepWatch:
     """sine.edit's two callbacks for --strip: every step's x0_hat, and at guided steps the x0_hat
-    that each model asks for on its own (see sine.sine_eps)."""
+    that each model asks for on its own (see sine.sine_eps), then what each fine-tuned model draws
+    with its own classifier-free guidance: its training prompt against its own empty prompt, one
+    more UNet pass a guided step, under --strip only."""
 
-    def __init__(self):
+    def __init__(self, guides, own_unconds, scale):
+        self.guides, self.own_unconds, self.scale = guides, own_unconds, scale
         self.estimates = []  # [(t, x0_hat)], noisiest first
-        self.alone = {}      # t -> [x0_hat of the pre-trained model alone, then of each guide alone or None]
+        self.alone = {}      # t -> x0_hat of [the pre-trained model alone, each guide alone, each guide's own CFG]
         self.alphas = alphas_cumprod()
 
     def callback(self, t, x0_hat):
@@ -286,34 +221,37 @@ class StepWatch:
 
     def each_alone(self, z, t, eps_alone):
         t_batch, alphas = torch.full((1,), t, device=z.device), self.alphas.to(z.device)
-        self.alone[t] = [e if e is None else predict_x0(z, e, t_batch, alphas) for e in eps_alone]
+        own = [None if eps is None else self.own_guidance(z, t, guide, uncond)
+               for eps, guide, uncond in zip(eps_alone[1:], self.guides, self.own_unconds)]
+        self.alone[t] = [e if e is None else predict_x0(z, e, t_batch, alphas) for e in eps_alone + own]
+
+    def own_guidance(self, z, t, guide, uncond):
+        """Eq. 2 with the fine-tuned model in both places: what it knows of the photo, by itself."""
+        both = torch.cat([guide.context, uncond])                                 # (2, 77, 768)
+        eps_cond, eps_uncond = guide.unet(torch.cat([z, z]), torch.full((2,), t, device=z.device), both,
+                                          guide.position).float().chunk(2)
+        return classifier_free_guidance(eps_uncond, eps_cond, self.scale)
 
 
 def steps_strip(sd, watch, guides, columns=10):
     """One image of one sample's steps, noisiest first, a cell per DDIM step. "guided" marks the
     steps on which a fine-tuned model guided (t > its K). Under each guided step, the rows below
     show what the pre-trained model and each fine-tuned model would make of it alone (Eq. 3 with all
-    the weight on one model); the guided cell is their mix: v times the first, 1 - v the second."""
-    if len(guides) == 1:
-        names = ["v=1 (pre-trained)", "v=0 (fine-tuned)"]
-    else:
-        names = ["only pre-trained"] + [f"only fine-tuned {i + 1}" for i in range(len(guides))]
+    the weight on one model; the guided cell mixes their noise predictions, v times the first, 1 - v
+    the second, not their pictures), then what each fine-tuned model draws with its own guidance."""
+    n = len(guides)
+    names = (["v=1: pre-trained", "v=0: fine-tuned", "fine-tuned's own CFG"] if n == 1 else
+             ["pre-trained"] + [f"fine-tuned {i + 1} (v=0)" for i in range(n)] + [f"own CFG {i + 1}" for i in range(n)])
     rows_per_step = 1 + len(names) if watch.alone else 1
     cells = {}
     for i, (t, x0_hat) in enumerate(watch.estimates):
         band, col = divmod(i, columns)
         guided = " guided" if t in watch.alone else ""
-        cells[band * rows_per_step, col] = (decode(sd, x0_hat), f"t={t}{guided}")
+        cells[band * rows_per_step, col] = (pictures.decode(sd, x0_hat), f"t={t}{guided}")
         for row, (x0_alone, name) in enumerate(zip(watch.alone.get(t, []), names), start=1):
             if x0_alone is not None:
-                cells[band * rows_per_step + row, col] = (decode(sd, x0_alone), name)
-    return grid_image(cells, max(row for row, _ in cells) + 1, min(columns, len(watch.estimates)))
-
-
-@torch.no_grad()
-def decode(sd, latent):
-    """A latent (1, 4, h, w) -> the PIL image it decodes to."""
-    return to_pil(sd.vae.decode(latent / LATENT_SCALE).clamp(-1, 1))
+                cells[band * rows_per_step + row, col] = (pictures.decode(sd, x0_alone), name)
+    return pictures.grid_image(cells, max(row for row, _ in cells) + 1, min(columns, len(watch.estimates)))
 
 
 def joined(values, sep="/"):
@@ -338,8 +276,10 @@ class Setup:
     width: int
     device: torch.device
     precision: cli.Precision
+    base: str                        # the base checkpoint's path
     base_fingerprint: str
     model_hash: str                  # AUTOMATIC1111's: the base file's SHA-256, 10 hex digits
+    seed: int                        # --seed, or the one drawn for -1
 
 
 def choose_precision(args, device, files):
@@ -353,48 +293,37 @@ def choose_precision(args, device, files):
 
 
 def own_prompt_and_size(args, metadata):
-    """--from PNG --finetuned OTHER: OTHER guides with its own training prompt, at its own photo's
-    aspect, not with the image's model's, unless those were given; said in one line."""
-    recorded = (args.recorded.get("fingerprints") or {}).get("finetuned")
+    """(--finetuned-prompt, --height, --width) as given, or from --from's PNG. With --from PNG
+    --finetuned OTHER, OTHER guides with its own training prompt, at its own photo's aspect, not with
+    the image's model's, unless those were given beside it; said in one line."""
+    chosen = {"finetuned_prompt": args.finetuned_prompt, "height": args.height, "width": args.width}
+    recorded = args.recorded and args.finetuned and (args.recorded.get("fingerprints") or {}).get("finetuned")
     if not recorded or recorded == [m["fingerprint"] for m in metadata]:
-        return
-    kept = [key for key in ("finetuned_prompt", "height", "width") if key not in args.given]
-    for key in kept:
-        setattr(args, key, None)
-    said = list(dict.fromkeys({"finetuned_prompt": "training prompt"}.get(key, "photo's aspect") for key in kept))
+        return chosen.values()
+    dropped = [key for key in chosen if key not in args.given]
+    said = list(dict.fromkeys({"finetuned_prompt": "training prompt"}.get(key, "photo's aspect") for key in dropped))
     if said:
         cli.say(f"note: {args.from_png} was made with another model than --finetuned: this edit takes the new "
                 f"model's {' and '.join(said)}, not the image's (--finetuned-prompt, --height and --width choose)")
+    return [None if key in dropped else value for key, value in chosen.items()]
 
 
-def load(args):
-    """Check every argument, then load the models. A user's mistake raises ValueError or OSError
-    before any weight is read."""
-    check_args(args)
-    cli.use_huge_pages()
-    args.finetuned_given = bool(args.finetuned)
-    if args.from_png:
-        args.finetuned = recorded_files(args)
-    files = find_finetuned(args.finetuned)
-    Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
-    vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)
-    if not files:
-        Ks, vs = Ks[:1], vs[:1]  # nothing to sweep without a fine-tuned model
-    if any(sum(1 - x for x in v) > 1 for v in vs):
-        raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
-    metadata = [read_finetuned(path) for path in files]
-    args.base = choose_base(args, files, metadata)
-    config = read_config(args.base)  # also refuses anything but an SD v1 file
-    step = size_step(config)
-    check_size(args.height, "height", step)
-    check_size(args.width, "width", step)
-    base_fingerprint = fingerprint(args.base)
+def find_models(args, files):
+    """Each fine-tuned file's metadata and fingerprint, and the base they were made from, checked:
+    (metadata, base, its fingerprint, its config)."""
+    metadata = [finetuned_file.read_metadata(path) for path in files]
+    base = choose_base(args, files, metadata)
+    config = read_config(base)  # also refuses anything but an SD v1 file
+    base_fingerprint = fingerprint(base)
     for path, meta in zip(files, metadata):
-        check_base(path, meta, args.base, base_fingerprint)
+        finetuned_file.check_base(path, meta, base, base_fingerprint)
         meta["fingerprint"] = fingerprint(path)
-    if args.recorded and args.finetuned_given:
-        own_prompt_and_size(args, metadata)
-    prompts = args.finetuned_prompt or [m["prompt"] for m in metadata]
+    return metadata, base, base_fingerprint, config
+
+
+def sampling_prompts(prompts, metadata):
+    """Each guide's prompt, c_hat: its training prompt unless --finetuned-prompt gives one."""
+    prompts = prompts or [m["prompt"] for m in metadata]
     if len(prompts) != len(metadata):
         raise ValueError(f"--finetuned-prompt: give one prompt per --finetuned file ({len(metadata)})")
     for meta, prompt in zip(metadata, prompts):
@@ -402,26 +331,53 @@ def load(args):
             raise ValueError(f'--finetuned-prompt {prompt!r} needs the identifier {sine.PLACEHOLDER}, which stands '
                              'for what the model learned: e.g. "a [*] dog"')
         meta["sampling_prompt"] = prompt
+
+
+def output_size(metadata, config, height, width):
+    """The photo's aspect (or the base's square, for plain SD), unless --height or --width set it."""
+    step = pictures.size_step(config)
+    pictures.check_size(height, "height", step)
+    pictures.check_size(width, "width", step)
+    source = metadata[0]["source_size"] if metadata else f"{config.image_size}x{config.image_size}"
+    height, width = pictures.default_size(tuple(int(x) for x in source.split("x")), height, width,
+                                          config.image_size, step)
+    if max(height, width) > pictures.MAX_SIZE:
+        raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {pictures.MAX_SIZE} a side: "
+                         "choose the size with --height and --width")
+    return height, width
+
+
+def load(args):
+    """Check every argument, then load the models. A user's mistake raises ValueError or OSError
+    before any weight is read. args stays as parsed: what is found or drawn is in the Setup."""
+    seed = check_args(args)
+    cli.use_huge_pages()
+    cli.use_threads(args.threads)
+    files = find_finetuned(recorded_files(args) if args.from_png else args.finetuned)
+    Ks = parse_sweep(args.K, "K", max(1, len(files)), int, 0, 1000)
+    vs = parse_sweep(args.v, "v", max(1, len(files)), float, 0.0, 1.0)
+    if not files:
+        Ks, vs = Ks[:1], vs[:1]  # nothing to sweep without a fine-tuned model
+    if any(sum(1 - x for x in v) > 1 for v in vs):
+        raise ValueError(f"--v {args.v}: the fine-tuned models' shares (1 - v each) add up to more than 1")
+    metadata, base, base_fingerprint, config = find_models(args, files)
+    prompts, height, width = own_prompt_and_size(args, metadata)
+    sampling_prompts(prompts, metadata)
     if any(target.startswith(("...", "\u2026")) for target in args.target) and not metadata:
         raise ValueError('a target starting with "..." needs a fine-tuned model\'s prompt; write it in full')
-    source = metadata[0]["source_size"] if metadata else f"{config.image_size}x{config.image_size}"
-    height, width = default_size(tuple(int(x) for x in source.split("x")), args.height, args.width,
-                                 config.image_size, step)
-    if max(height, width) > MAX_SIZE:
-        raise ValueError(f"the photo's aspect ratio gives {width}x{height}, over {MAX_SIZE} a side: "
-                         "choose the size with --height and --width")
+    height, width = output_size(metadata, config, height, width)
     device = cli.pick_device(args.device)
     precision = choose_precision(args, device, files)
     cli.check_writable_folder(os.path.join(args.out, "x.png"))
     # Each model straight into its precision, the fine-tuned ones rounded only after their differences
     # are added; they share the base's VAE, which they never change.
-    sd = load_sd(args.base, device=device, dtype=precision.base)
+    sd = load_sd(base, device=device, dtype=precision.base)
     finetuned = []
     for path in files:
         cli.return_freed_memory()  # the fp32 tensors each weight was read into
-        finetuned.append(sine.load_finetuned(args.base, path, device, precision.finetuned, shared_vae=sd.vae))
-    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, precision, base_fingerprint,
-                 cli.model_hash(args.base))
+        finetuned.append(finetuned_file.load_finetuned(base, path, device, precision.finetuned, shared_vae=sd.vae))
+    return Setup(sd, finetuned, files, metadata, Ks, vs, height, width, device, precision, base, base_fingerprint,
+                 cli.model_hash(base), seed)
 
 
 def trained_sizes(finetuned, metadata):
@@ -434,9 +390,9 @@ def image_settings(args, s, target, K, v, seed):
     """Everything that made one image, under edit.py's flag names: outputs.py writes it into the PNG."""
     return {"target": target, "negative": args.negative,
             "finetuned": [cli.recorded_path(path) for path in s.files] or ["none"],
-            "finetuned_prompt": [m["sampling_prompt"] for m in s.metadata], "base": cli.recorded_path(args.base),
+            "finetuned_prompt": [m["sampling_prompt"] for m in s.metadata], "base": cli.recorded_path(s.base),
             "fingerprints": {"base": s.base_fingerprint, "finetuned": [m["fingerprint"] for m in s.metadata]},
-            "paths_from_png": {"base": cli.path_from(args.base, args.out),
+            "paths_from_png": {"base": cli.path_from(s.base, args.out),
                                "finetuned": [cli.path_from(path, args.out) for path in s.files]},
             "model_hash": s.model_hash,
             "K": joined(K), "v": joined(v), "scale": args.scale,
@@ -457,6 +413,7 @@ def render(args, s, autocast):
                              sine.full_position_map(ft.config.unet.model_channels, latent_size, s.device,
                                                     trained_sizes(ft, meta)) if meta["position_map"] == "True" else None)
                   for ft, meta in zip(s.finetuned, s.metadata)]
+        own_unconds = [encode(ft, "") for ft in s.finetuned] if args.strip else []  # for the strip's own-CFG rows
     for ft in s.finetuned:  # its text encoder's only work was c_hat: 0.5 GB freed
         ft.text_encoder = None
     for target in args.target:
@@ -464,14 +421,14 @@ def render(args, s, autocast):
         with torch.no_grad():
             cond = encode(s.sd, target)
         cli.say(f"target: {target!r}, {s.width}x{s.height}")
-        for seed in range(args.seed, args.seed + args.n):
+        for seed in range(s.seed, s.seed + args.n):
             cells = {}
             for (r, K), (c, v) in itertools.product(enumerate(s.Ks), enumerate(s.vs)):
                 for guide, K_i, v_i in zip(guides, K, v):
                     guide.K, guide.v = K_i, v_i
                 generator = torch.Generator().manual_seed(seed)
                 noise = torch.randn((1, 4, *latent_size), generator=generator).to(s.device)
-                watch = StepWatch() if args.strip else None
+                watch = StepWatch(guides, own_unconds, args.scale) if args.strip else None
                 with cli.out_of_memory_hint(f"{s.width}x{s.height} is too large for this device; lower --height/--width"):
                     pixels = sine.edit(s.sd, guides, cond, uncond, noise, args.scale, args.steps, args.eta, generator,
                                        autocast=autocast, tiled=args.tile_vae, callback=watch and watch.callback,
@@ -480,14 +437,14 @@ def render(args, s, autocast):
                     cli.fail(f"the sample turned nan or inf (seed {seed}, {label(K, v)}), so no PNG was written for "
                              f"it: check that --base is a working SD v1 file{' and try --precision fp32' if autocast else ''}")
                 settings = image_settings(args, s, target, K, v, seed)
-                image = to_pil(pixels)
+                image = pictures.to_pil(pixels)
                 stem = f"seed{seed}" + (f"-K{joined(K, '_')}-v{joined(v, '_')}" if guides else "")
                 yield image, stem, settings
                 if watch:
                     yield steps_strip(s.sd, watch, guides), stem + "-steps", settings
                 cells[r, c] = (image, label(K, v))
             if len(cells) > 1:
-                yield (grid_image(cells, len(s.Ks), len(s.vs), title=target), f"seed{seed}-grid",
+                yield (pictures.grid_image(cells, len(s.Ks), len(s.vs), title=target), f"seed{seed}-grid",
                        {**settings, "K": args.K, "v": args.v, "grid": "rows K, columns v"})
 
 

@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 
 import cli
+import finetuned_file
 import sine
-from edit import check_base, read_finetuned
 from model import load_sd
 from model.loader import CONFIG_KEY, PREFIXES, atomic_path, check_sd_v1, fingerprint, read_config, write_safetensors
 
@@ -49,12 +49,12 @@ def load(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} exists: pass --overwrite to replace it, or choose --out")
     cli.check_writable_folder(args.out)
-    trained = read_finetuned(args.finetuned)
+    trained = finetuned_file.read_metadata(args.finetuned)
     if args.lora and "lora_alpha" not in trained:
         raise ValueError(f"{args.finetuned} is a full fine-tune, not a train.py --lora file: export it without --lora")
     args.base = cli.base_of(args.finetuned, trained, args.base)
     _, base_metadata = check_sd_v1(args.base)
-    check_base(args.finetuned, trained, args.base, fingerprint(args.base))
+    finetuned_file.check_base(args.finetuned, trained, args.base, fingerprint(args.base))
     metadata = {"sine.exported_from": os.path.basename(args.finetuned), "base": os.path.basename(args.base),
                 "training_prompt": sine.training_prompt(trained["prompt"]), "steps": trained["steps"]}
     if args.lora:  # kohya's own metadata names: AUTOMATIC1111 offers the tags as activation text, and
@@ -72,7 +72,7 @@ def load(args):
 
 def whole_checkpoint(args):
     """The base with the fine-tuned file applied, every weight under its SD v1 key."""
-    sd = sine.apply_finetuned(load_sd(args.base), args.finetuned)
+    sd = finetuned_file.apply_finetuned(load_sd(args.base), args.finetuned)
     return {PREFIXES[part] + name: weight for part in PREFIXES  # unet, vae, text_encoder
             for name, weight in getattr(sd, part).state_dict().items()}
 

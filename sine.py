@@ -4,30 +4,25 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
 
   1. Prompts: `[*]` marks the thing being learned.
   2. The position map (Sec. 3.3): where in the image a crop came from.
-  3. Patch-based fine-tuning (Sec. 3.3): random crops, the loss, AdamW applied during backward,
-     one training step.
+  3. Patch-based fine-tuning (Sec. 3.3): random crops, what learns, the loss of one training step
+     (train.py's loop adds backward and AdamW's step).
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
-  5. The fine-tuned file: the difference from the base weights (or LoRA adapters, model/lora.py),
-     plus what edit.py needs.
 
-Reading photos safely and the speed switches (bf16, channels_last, torch.compile) live in cli.py,
-and saving files all or nothing in model/loader.py: they are not the method. What remains here of
-that kind is the few checks for nan and inf that must sit where a diverged run is caught.
+What is not the method lives elsewhere: the fine-tuned file's format in finetuned_file.py, reading
+photos and the speed switches in cli.py, AdamW's memory-saving update during backward in train.py.
 
 Numbers that the paper leaves open come from the authors' code; SOURCES.md says, choice by choice,
 what the paper says, what the authors' code does and what we do.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model import LATENT_SCALE, lora
+from model import LATENT_SCALE
 from model.ddim import classifier_free_guidance, sample
-from model.loader import PREFIXES, atomic_path, fingerprint, iter_tensors, load_sd, read_header, write_safetensors
 from model.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +136,8 @@ def make_canvas(image, sizes=SD_V1):
 def sample_crop_box(generator, sizes=SD_V1):
     """Crop height and width drawn independently from [0.1, 1) of the grid, at a random offset.
 
-    The fractions are the paper's (Sec. 4); drawing them in whole cells of 8 pixels is the authors'."""
+    The fractions are the paper's (Sec. 4); drawing them in whole cells of 8 pixels is the authors':
+    12 to 127 of SD v1's 128 cells."""
     grid = sizes.grid
     h, w = (int(grid * (0.1 + 0.9 * torch.rand((), generator=generator).item())) for _ in range(2))
     y0 = int(torch.randint(0, grid - h + 1, (), generator=generator))
@@ -205,40 +201,15 @@ def sample_example(vae, canvas, patch, generator, full_map=None, sizes=SD_V1):
     return Example(z0, crop_position_map(full_map, crop_box, z0.shape[-2:]).to(z0))
 
 
-def adamw_in_backward(params, lr, weight_decay=0.01, fused=False):
-    """AdamW that updates each parameter as soon as backward has its gradient, then frees that gradient.
-
-    The usual loss.backward(); optimizer.step() holds a whole set of gradients (3.9 GB for SD v1)
-    until the step. Here at most a few gradients exist at once. One AdamW per parameter, in
-    single-tensor form (or fused, one kernel): the same arithmetic, parameter by parameter, as one
-    AdamW over all of them, so the weights come out bitwise the same. This holds with one backward
-    a step, at any batch, and no gradient clipping, which needs every gradient before any update.
-    Returns {param: its AdamW}, whose .state[param] holds the moments (train.py saves them for --resume)."""
-    optimizers = {p: torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay, foreach=False, fused=fused)
-                  for p in params}
-
-    def step_and_free(param):
-        optimizers[param].step()
-        param.grad = None
-
-    for param in params:
-        param.register_post_accumulate_grad_hook(step_and_free)
-    return optimizers
+def trainable_parts(sd):
+    """What fine-tuning changes: the UNet and the text encoder, as in the authors' code; the VAE stays frozen."""
+    return {"unet": sd.unet, "text_encoder": sd.text_encoder}
 
 
-class NonFiniteLoss(ArithmeticError):
-    """The loss became nan or inf: the run has diverged."""
-
-
-def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1,
-                  batch=1):
-    """One step on `batch` examples (the paper's is one): forward, then backward, during which
-    adamw_in_backward (set up once beforehand) updates the weights; without it, backward leaves the
-    gradients for the caller's optimizer (train.py's way on a small model). Both the UNet and the text encoder
-    learn, as in the authors' code; the VAE is frozen.
-    Returns the loss and the timesteps it was drawn at (train.py logs both).
-
-    A nan or inf loss raises NonFiniteLoss before backward, so no weight is touched by it."""
+def step_loss(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=None, autocast=None, sizes=SD_V1, batch=1):
+    """The loss of one fine-tuning step, on `batch` random crops (the paper's batch is one), each
+    noised at its own random t; with patch=False, the whole image without a position map and
+    without the reconstruction term. Returns (loss, t); train.py's loop runs backward and AdamW."""
     examples = [sample_example(sd.vae, canvas, patch, generator, full_map, sizes) for _ in range(batch)]
     z0 = torch.cat([e.z0 for e in examples])                                     # (batch, 4, 64, 64)
     position = None if examples[0].position is None else torch.cat([e.position for e in examples])
@@ -248,11 +219,7 @@ def training_step(sd, canvas, ids, patch, generator, alphas_cumprod, full_map=No
         context = sd.text_encoder(ids).expand(batch, -1, -1)                     # one prompt for every crop
         loss = training_loss(sd.unet, z0, context, t, noise, alphas_cumprod, position,
                              recon_weight=1.0 if patch else 0.0)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(value)
-    loss.backward()
-    return value, t.tolist()
+    return loss, t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,111 +302,3 @@ def full_position_map(channels, size, device=None, sizes=SD_V1):
     """The whole map stretched to a latent of size (h, w): the layout of the photo at any aspect."""
     whole = [0, 0, sizes.grid, sizes.grid]
     return crop_position_map(position_map(channels, sizes=sizes), whole, size).to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. The fine-tuned file
-#
-# Ours: the authors saved a 12 GB Lightning checkpoint. We store only what changed, w_ft - w_base,
-# for the UNet and the text encoder in fp16: at lr 1e-6 the weights move by ~1e-4, so fp16 copies of
-# the whole weights would round the training away, while fp16 *differences* keep it to ~1e-7.
-
-def trainable_parts(sd):
-    return {"unet": sd.unet, "text_encoder": sd.text_encoder}
-
-
-class NonFiniteWeights(ArithmeticError):
-    """A weight, or its fp16 difference from the base, is nan or inf: nothing is saved."""
-
-
-def save_finetuned(path, sd, base_path, metadata):
-    """Store (w_finetuned - w_base) in fp16 for every trainable weight, reading the base from its file.
-
-    One tensor at a time, read and written: saving needs no second copy of the model. Refuses
-    (NonFiniteWeights) to write a file holding nan or inf, so a diverged run never replaces a good save."""
-    if any(lora.adapters(module) for module in trainable_parts(sd).values()):
-        return save_adapters(path, sd, base_path, metadata)
-    weights = {PREFIXES[part] + name: (sd.file_keys[part][name], weight)
-               for part, module in trainable_parts(sd).items() for name, weight in module.state_dict().items()}
-    base_header = read_header(base_path)
-
-    def deltas():
-        base_weights = iter_tensors(base_path, base_header, {key: file_key for key, (file_key, _) in weights.items()})
-        for key, base_weight in base_weights:  # fp32, as load_sd read it
-            delta = (weights[key][1].detach().float().cpu() - base_weight).half()
-            if not torch.isfinite(delta).all():  # nan or inf weights, or a change beyond fp16's 65504
-                raise NonFiniteWeights(f"{key} holds nan or inf values")
-            yield delta
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write_safetensors(f, {key: weight.shape for key, (_, weight) in weights.items()}, deltas(),
-                          file_metadata(base_path, metadata))
-
-
-def file_metadata(base_path, metadata):
-    return {"sine.finetuned": "1", "base": os.path.basename(base_path), "base_fingerprint": fingerprint(base_path),
-            **{k: str(v) for k, v in metadata.items()}}
-
-
-def save_adapters(path, sd, base_path, metadata):
-    """A LoRA run (model/lora.py) stores its adapters alone, in fp32: megabytes, not the 2 GB of deltas."""
-    weights = {PREFIXES[part] + f"{name}.{side}.weight": getattr(layer, side).weight.detach().float().cpu()
-               for part, module in trainable_parts(sd).items() for name, layer in lora.adapters(module).items()
-               for side in ("lora_down", "lora_up")}
-    for key, weight in weights.items():
-        if not torch.isfinite(weight).all():
-            raise NonFiniteWeights(f"{key} holds nan or inf values")
-    layer = next(iter(lora.adapters(sd.unet).values()))
-    rank = layer.lora_down.weight.shape[0]
-    metadata = file_metadata(base_path, {**metadata, "lora_rank": rank, "lora_alpha": layer.lora_scale * rank})
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write_safetensors(f, {key: w.shape for key, w in weights.items()}, iter(weights.values()), metadata,
-                          torch.float32)
-
-
-def finetuned_weights(path):
-    """adjust(part, name, w_base) -> w_finetuned for model.load_sd: the base weight plus this file's
-    difference (or its merged adapters), in fp32, before any rounding to a sampling precision.
-
-    bf16 rounds a weight of 0.03 in steps of 1.2e-4, about what 10,000 steps at lr 1e-6 move it:
-    rounding the whole fine-tuned weight would round much of the fine-tune away, so the difference
-    is added first, and the caller chooses a precision that keeps it (BENCHMARKS.md, precision)."""
-    header = read_header(path)
-    metadata = header.get("__metadata__") or {}
-    read = lambda key: read_finite(next(iter_tensors(path, header, {key: key}))[1], key, path)
-    if "lora_alpha" not in metadata:
-        return lambda part, name, weight: weight + read(PREFIXES[part] + name)
-    alpha, suffix = float(metadata["lora_alpha"]), ".lora_down.weight"
-    adapted = {key[:-len(suffix)] for key in header if key.endswith(suffix)}
-
-    def merged(part, name, weight):  # W + (alpha / rank) B A, for the layers that have adapters
-        layer = PREFIXES[part] + name.removesuffix(".weight")
-        if not name.endswith(".weight") or layer not in adapted:
-            return weight
-        down, up = read(layer + suffix), read(layer + ".lora_up.weight")
-        return weight + lora.delta(up, down, alpha / down.shape[0], weight.shape)
-
-    return merged
-
-
-def read_finite(tensor, key, path):
-    """A diverged run's nan or inf is refused with what to do."""
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{path} holds nan or inf values ({key}): its training diverged; fine-tune again "
-                         "with a lower --lr")
-    return tensor
-
-
-def load_finetuned(base_path, path, device="cpu", dtype=torch.float32, shared_vae=None):
-    """The fine-tuned model: the base's weights plus the file's, each rounded to dtype only once added."""
-    return load_sd(base_path, device, dtype, adjust=finetuned_weights(path), shared_vae=shared_vae)
-
-
-def apply_finetuned(sd, path):
-    """Add a fine-tuned file's differences, or its merged adapters, onto sd's fp32 UNet and text encoder, in place."""
-    adjust = finetuned_weights(path)
-    with torch.no_grad():
-        for part, module in trainable_parts(sd).items():
-            for name, weight in module.state_dict().items():
-                weight.copy_(adjust(part, name, weight.float()))
-    return sd

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import finetuned_file
 import sine
 from model import UNetConfig, load_sd, read_header
 from model.ddim import classifier_free_guidance, ddim_timesteps, sample
@@ -405,14 +406,17 @@ def test_finetuned_file_round_trip(base_path, tmp_path, lr):
     before = state(sd)
     for m in sine.trainable_parts(sd).values():
         m.train().requires_grad_(True)
-    sine.adamw_in_backward(trainable(sd), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable(sd), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     canvas = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
     prompt = "a photo of a [*] castle"
     ids = sd.tokenizer([sine.training_prompt(prompt)])
     full_map = sine.position_map(sd.config.unet.model_channels)
-    for _ in range(2):
-        sine.training_step(sd, canvas, ids, True, g, alphas_cumprod(), full_map)
+    for _ in range(2):  # as train.py's loop
+        loss, _ = sine.step_loss(sd, canvas, ids, True, g, alphas_cumprod(), full_map)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     for m in sine.trainable_parts(sd).values():
         m.eval().requires_grad_(False)
     after = state(sd)
@@ -420,8 +424,8 @@ def test_finetuned_file_round_trip(base_path, tmp_path, lr):
     assert moved >= 0.5 * lr  # AdamW's first steps move a weight by about lr: training happened
 
     path = tmp_path / "ft.safetensors"
-    sine.save_finetuned(str(path), sd, base_path, {"prompt": prompt})
-    loaded = sine.apply_finetuned(load_sd(base_path), str(path))
+    finetuned_file.save_finetuned(str(path), sd, base_path, {"prompt": prompt})
+    loaded = finetuned_file.apply_finetuned(load_sd(base_path), str(path))
     fresh = load_sd(base_path)
     restored = state(loaded)
     residual = max((restored[k] - after[k]).abs().max().item() for k in after)

@@ -11,6 +11,7 @@ import csv
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import shlex
@@ -30,8 +31,10 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+import adamw
 import cli
-import edit
+import finetuned_file
+import pictures
 import sine
 from model import load_sd, lora, read_header
 from model.ddim import sample, text_to_image_eps
@@ -87,6 +90,9 @@ def parse_args(argv=None):
                    help="forward and backward in bfloat16 autocast; weights and AdamW state stay fp32 "
                         "(default: on with a GPU of compute capability 8.0 or newer, off elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first step is slow)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: one a core); on a busy machine, 1 keeps threads from waiting on "
+                        "each other, which made a toy step 20 times slower")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # for the --resume command we offer
     args.patch = not args.no_patch
@@ -116,6 +122,8 @@ def check_args(args):
         raise ValueError(f"--lora must be a rank of 1 or more, or 0 for the full fine-tune (got {args.lora})")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1 (got {args.batch})")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1 (got {args.threads})")
     if not 0 < args.lr < float("inf"):  # also refuses nan
         raise ValueError(f"--lr must be a positive number (got {args.lr})")
     for flag, value in (("--save-every", args.save_every), ("--preview-every", args.preview_every),
@@ -258,7 +266,7 @@ def save(args, sd, optimizers, generator, step, image, resumable, loss_before, n
     sizes = sine.sizes_for(sd.config)
     run = run_identity(args, image)
     try:
-        sine.save_finetuned(args.out, sd, args.base, {
+        finetuned_file.save_finetuned(args.out, sd, args.base, {
             "prompt": args.prompt, "position_map": args.patch, "source_size": f"{image.width}x{image.height}",
             "photo": run["photo"], "canvas": sizes.canvas, "crop": sizes.crop,
             "steps": step, "planned_steps": args.plan, "seed": args.seed, "lr": args.lr,
@@ -271,7 +279,7 @@ def save(args, sd, optimizers, generator, step, image, resumable, loss_before, n
                 "base_loss": repr(loss_before)})
     except OSError as e:
         cli.fail(f"could not save step {step} to {args.out} ({e.strerror or e}); files saved earlier are intact")
-    except sine.NonFiniteWeights as e:
+    except finetuned_file.NonFiniteWeights as e:
         diverged(args, f"at step {step} {e}")
     if not resumable and os.path.exists(resume_path(args.out)):
         os.remove(resume_path(args.out))  # the run is finished, and --no-keep-state asked
@@ -411,7 +419,7 @@ def preview(sd, prompt, patch, source_size, autocast, steps=25, scale=7.5, seed=
     """What the fine-tuned model draws by itself from its training prompt, at the photo's aspect, with
     its whole position map: a DreamBooth-style validation image, with SINE's layout."""
     config, device = sd.config, next(sd.unet.parameters()).device
-    height, width = edit.default_size(source_size, None, None, config.image_size, edit.size_step(config))
+    height, width = pictures.default_size(source_size, None, None, config.image_size, pictures.size_step(config))
     latent_size = (height // config.vae.factor, width // config.vae.factor)
     context = sd.text_encoder(sd.tokenizer([sine.training_prompt(prompt), ""]).to(device))  # (2, 77, 768)
     position = (sine.full_position_map(config.unet.model_channels, latent_size, device, sine.sizes_for(config))
@@ -420,7 +428,7 @@ def preview(sd, prompt, patch, source_size, autocast, steps=25, scale=7.5, seed=
     with autocast or torch.autocast(device.type, enabled=False):
         latents = sample(text_to_image_eps(sd.unet, context[:1], context[1:], scale, position), noise, steps,
                          progress=False)
-    return edit.decode(sd, latents)
+    return pictures.decode(sd, latents)
 
 
 class Watch:
@@ -450,7 +458,7 @@ class Watch:
         if self.args.preview_every and (step % self.args.preview_every == 0 or step == self.args.steps):
             picture = preview(sd, self.args.prompt, self.args.patch, image.size, autocast)
             try:
-                edit.grid_image({(0, 0): (picture, f"step {step}")}, 1, 1).save(preview_path(self.args.out, step))
+                pictures.grid_image({(0, 0): (picture, f"step {step}")}, 1, 1).save(preview_path(self.args.out, step))
             except OSError as e:
                 tqdm.write(f"warning: could not write the preview of step {step} ({e.strerror or e}); the run goes on",
                            file=sys.stderr)
@@ -539,6 +547,7 @@ def load(args):
     """Check every argument, then load the base: (photo, device, model)."""
     check_args(args)
     cli.use_huge_pages()
+    cli.use_threads(args.threads)
     image = cli.load_image(args.image)
     device = cli.pick_device(args.device)
     args.base = cli.find_base(args.base)
@@ -573,44 +582,11 @@ class Run:
     alphas: torch.Tensor           # the noise schedule
     sizes: sine.Sizes
     autocast: object               # bf16 autocast, or None for fp32
-    optimizers: dict               # {parameter: its AdamW}, for the resume state
-    after_backward: object         # one AdamW over every parameter, stepped after backward; None: they step during it
+    optimizer: object              # AdamW, or adamw.InBackward for SD v1
+    optimizers: dict               # {parameter: the AdamW that holds its moments}, for the resume state
     generator: torch.Generator     # crops, timesteps and noise
     step: int                      # steps already done
     loss_before: float             # the base model's loss: the blow-up warning's yardstick
-
-
-# SD v1 needs its memory savers (gradient checkpointing, AdamW in backward); a small model, such as
-# the toy (toy/), fits anyway and would only pay their time. Small: at most this many bytes of fp32
-# weights (the toy's UNet and text encoder: 33 MB; SD v1's: 3.9 GB; its rank-8 LoRA adapters: 9 MB).
-SMALL = 256 * 2**20
-
-
-def small(params):
-    return 4 * sum(p.numel() for p in params) <= SMALL
-
-
-def make_optimizers(params, lr, room=0):
-    """({parameter: its AdamW}, the one AdamW to step after backward, or None if they step during it).
-
-    Large gradients are freed one by one during backward (sine.adamw_in_backward). Small ones, or
-    any that fit in `room` (bytes of a GPU's memory to spare), are kept for one AdamW over all of
-    them after backward: the same arithmetic, bitwise, without an optimizer call for each of
-    hundreds of parameters, which made a toy step on a CPU 20-30% slower (BENCHMARKS.md) and would
-    bind a GPU's step to Python. fused: one kernel, not a dozen, for each update: a toy step a
-    quarter faster."""
-    if not small(params) and 4 * sum(p.numel() for p in params) > room:
-        return sine.adamw_in_backward(params, lr, weight_decay=0.01, fused=True), None
-    after_backward = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
-    return dict.fromkeys(params, after_backward), after_backward
-
-
-def room_for_gradients(device, params):
-    """Bytes of GPU memory left for a whole set of gradients once AdamW's moments (8 bytes a weight)
-    and 3 GB for activations are set aside: enough for SD v1's 3.9 GB on a 24 GB card, not on 16 GB."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.mem_get_info(device)[0] - 8 * sum(p.numel() for p in params) - 3 * 2**30
 
 
 def prepare(args, sd, image, device):
@@ -620,9 +596,9 @@ def prepare(args, sd, image, device):
     if args.lora:  # the base weights stay frozen
         lora.adapt(sd, args.lora, args.lora_convs, generator=torch.Generator().manual_seed(args.seed))
     params = [p for _, p in trainable_parameters(sd)]
-    optimizers, after_backward = make_optimizers(params, args.lr, room_for_gradients(device, params))
+    optimizer, optimizers = adamw.make_optimizer(params, args.lr, adamw.room_for_gradients(device, params))
     if args.grad_checkpointing is None:
-        args.grad_checkpointing = not small(sd.unet.parameters())
+        args.grad_checkpointing = not adamw.small(sd.unet.parameters())
     sd.unet.gradient_checkpointing = args.grad_checkpointing
     generator = torch.Generator().manual_seed(args.seed)  # a CPU generator: the same crops on any device
     sizes = sine.sizes_for(sd.config)
@@ -639,22 +615,8 @@ def prepare(args, sd, image, device):
     else:
         start_over(args)
         step, loss_before = 0, base_loss(sd, canvas, ids, args.patch, full_map, alphas, autocast, sizes)
-    return Run(canvas, ids, full_map, alphas, sizes, autocast, optimizers, after_backward, generator, step,
+    return Run(canvas, ids, full_map, alphas, sizes, autocast, optimizer, optimizers, generator, step,
                loss_before)
-
-
-def take_step(args, sd, run, step):
-    """sine.training_step, with one line for the user if memory runs out or the loss diverges."""
-    try:
-        with cli.out_of_memory_hint(memory_hint(args, run.alphas.device)):
-            loss_and_t = sine.training_step(sd, run.canvas, run.ids, args.patch, run.generator, run.alphas,
-                                            run.full_map, run.autocast, run.sizes, args.batch)
-            if run.after_backward:
-                run.after_backward.step()
-                run.after_backward.zero_grad(set_to_none=True)
-            return loss_and_t
-    except sine.NonFiniteLoss as e:
-        diverged(args, f"the loss became {e} at step {step + 1}")
 
 
 def train(args, sd, image, device, stop):
@@ -666,7 +628,15 @@ def train(args, sd, image, device, stop):
     with tqdm(total=args.steps, initial=step, desc="fine-tuning") as bar:  # closed before any error prints
         while step < args.steps and not stop.signal:  # Ctrl-C and SIGTERM end the loop between steps
             started = time.perf_counter()
-            loss, t = take_step(args, sd, run, step)  # random crops, noise at random t, one AdamW update
+            with cli.out_of_memory_hint(memory_hint(args, device)):
+                loss, t = sine.step_loss(sd, run.canvas, run.ids, args.patch, run.generator, run.alphas, run.full_map,
+                                         run.autocast, run.sizes, args.batch)  # forward on random crops
+                if not math.isfinite(loss.item()):  # before backward: no weight is touched by it
+                    diverged(args, f"the loss became {loss.item()} at step {step + 1}")
+                loss.backward()  # with adamw.InBackward (SD v1), each weight is updated in here
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            loss, t = loss.item(), t.tolist()
             if device.type == "cpu":
                 cli.return_freed_memory()
             step += 1

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 import cli  # the repository's copy; the scripts run from a copy of it
 import edit
-from edit import LABEL_HEIGHT
+from pictures import LABEL_HEIGHT
 from model.tiny import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -90,7 +90,7 @@ def expected_default_size(source_size, native=TINY.image_size):
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sine-cli")
-    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py"):
+    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py", "pictures.py", "finetuned_file.py", "adamw.py"):
         shutil.copy(os.path.join(REPO, name), root / name)
     shutil.copytree(os.path.join(REPO, "model"), root / "model",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -455,13 +455,13 @@ def test_from_a_png_it_cannot_use_gets_one_line(workdir, sweep, trained_patch, n
 
 @pytest.mark.full
 def test_export_is_a_complete_checkpoint_that_diffusers_reads(workdir, base, trained_patch, tmp_path):
-    import sine
+    import finetuned_file
     from model import load_sd
     from test_model import reference_clip, reference_unet, reference_vae
     out = tmp_path / "castle-full.safetensors"
     (path,) = printed_paths(run(workdir, "export.py", trained_patch["path"], "--out", out), workdir)
     exported = load_sd(path)
-    finetuned = sine.apply_finetuned(load_sd(base), trained_patch["path"])
+    finetuned = finetuned_file.apply_finetuned(load_sd(base), trained_patch["path"])
     for part in ("unet", "vae", "text_encoder"):
         ours, theirs = getattr(exported, part).state_dict(), getattr(finetuned, part).state_dict()
         assert ours.keys() == theirs.keys()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tools import figures
-from edit import LABEL_HEIGHT
+from pictures import LABEL_HEIGHT
 import sine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository

@@ -35,10 +35,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import adamw
 import cli
 import edit
+import finetuned_file
 import outputs
 import model.loader
+import pictures
 import sine
 import train
 from model import load_sd
@@ -390,6 +393,7 @@ ROWS = [
     # numbers and the output
     train_row("train-steps-0", "photo.png", PROMPT, "--steps", "0", words=["--steps", "at least 1", "got 0"]),
     train_row("train-batch-0", "photo.png", PROMPT, "--batch", "0", words=["--batch", "at least 1", "got 0"]),
+    train_row("train-threads-0", "photo.png", PROMPT, "--threads", "0", words=["--threads", "at least 1", "got 0"]),
     train_row("train-lr-nan", "photo.png", PROMPT, "--lr", "nan", words=["--lr", "positive"]),
     train_row("train-out-exists", "photo.png", PROMPT, "--out", "mine.safetensors",
               words=["mine.safetensors", "exists", "--overwrite"], inputs={"mine.safetensors": finetuned_copy("mine")}),
@@ -432,6 +436,7 @@ ROWS = [
     edit_row("finetuned-is-a-whole-export", words=["whole.safetensors", "export.py", "castle.safetensors",
                                                    "the one train.py wrote"],
              inputs={"whole.safetensors": whole_export}, finetuned="whole.safetensors"),
+    edit_row("edit-threads-0", "--threads", "0", words=["--threads", "at least 1", "got 0"]),
     edit_row("finetuned-missing", words=["nope.safetensors", "no such file"], finetuned="nope.safetensors"),
     edit_row("finetuned-truncated", words=["cut.safetensors", "truncated", "train.py wrote it", "fine-tune again"],
              inputs={"cut.safetensors": truncated_finetuned}, finetuned="cut.safetensors"),
@@ -488,7 +493,7 @@ def root(tmp_path_factory):
     """A private copy of the program; weights/ holds one tiny checkpoint. Beside it: a fine-tuned
     file made from that checkpoint (no training: the differences are zero) and a second base."""
     root = tmp_path_factory.mktemp("sine-hardening")
-    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py"):
+    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py", "pictures.py", "finetuned_file.py", "adamw.py"):
         shutil.copy(os.path.join(REPO, name), root / name)
     shutil.copytree(os.path.join(REPO, "model"), root / "model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "weights").mkdir()
@@ -499,7 +504,7 @@ def root(tmp_path_factory):
     write_checkpoint(base, TINY, seed=0)
     write_checkpoint(str(root / "other-base.safetensors"), TINY, seed=1)
     for name, made_from in (("finetuned", base), ("other-finetuned", str(root / "other-base.safetensors"))):
-        sine.save_finetuned(str(root / f"{name}.safetensors"), load_sd(made_from), made_from, {
+        finetuned_file.save_finetuned(str(root / f"{name}.safetensors"), load_sd(made_from), made_from, {
             "prompt": PROMPT, "position_map": True, "source_size": f"{W}x{H}", "steps": 0, "seed": 0, "lr": 1e-6})
     return str(root)
 
@@ -545,7 +550,7 @@ def booby_trapped(monkeypatch, root):
     def trap(*args, **kwargs):
         raise WeightsTouched
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", trap)
-    monkeypatch.setattr(sine, "training_step", trap)
+    monkeypatch.setattr(sine, "step_loss", trap)
     monkeypatch.setattr(sine, "edit", trap)
     monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # load_image changes it
@@ -890,12 +895,12 @@ def test_an_unfinished_run_is_never_replaced_without_a_word(root, tmp_path):
 
 @pytest.mark.full
 def test_a_second_run_on_the_same_out_is_refused_naming_the_first(root, tmp_path):
-    """Two real processes: while one trains, another aimed at its file (even with --overwrite) is
-    refused in one line that names the first's pid, and changes nothing; once the first has ended,
-    its file can be extended."""
+    """Two real processes: while one trains, another aimed at its file (even with --overwrite or
+    --resume) is refused in one line that names the first's pid, and changes nothing; once the first
+    has ended, its file can be extended."""
     Image.fromarray(photo_array()).save(tmp_path / "photo.png")
     cwd = str(tmp_path)
-    first, log = start_training(root, cwd, "ft/castle.safetensors", steps=50)
+    first, log = start_training(root, cwd, "ft/castle.safetensors", steps=100_000)  # stopped below
     try:
         ours = lambda: {k: v for k, v in snapshot(os.path.join(cwd, "ft")).items() if "loss.csv" not in k}  # it logs
         before = ours()
@@ -905,14 +910,16 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(root, tmp_path
             line = error_line(second.stderr)
             assert second.returncode != 0 and second.stdout == "", line
             assert f"being trained by another run (pid {first.pid}" in line and "another --out" in line, line
+        assert first.poll() is None, "the first run ended before the second runs were tried"
         assert not changes(before, ours()), "the second run touched the first's files"
     finally:
         first.send_signal(signal.SIGTERM)
         finish(first, log)
     assert first.returncode == 143
     assert not (tmp_path / "ft" / "castle.lock").exists(), "the lock goes with its run"
-    extended = subprocess.run(train_command(root, "ft/castle.safetensors", "--resume", steps=51), cwd=cwd, env=ENV,
-                              capture_output=True, text=True, timeout=600)
+    done = int(load_tensors(str(tmp_path / "ft" / "castle.resume.safetensors"))[1]["step"])
+    extended = subprocess.run(train_command(root, "ft/castle.safetensors", "--resume", steps=done + 1), cwd=cwd,
+                              env=ENV, capture_output=True, text=True, timeout=600)
     assert extended.returncode == 0, extended.stderr[-2000:]
 
 
@@ -1035,7 +1042,7 @@ def tiny_training(root, monkeypatch, tmp_path):
     sd = load_sd(base)
     for module in sine.trainable_parts(sd).values():
         module.requires_grad_(True)
-    optimizers = sine.adamw_in_backward([p for _, p in train.trainable_parameters(sd)], lr=1e-6)
+    optimizers = adamw.InBackward([p for _, p in train.trainable_parameters(sd)], lr=1e-6).per_weight
     args = train.parse_args(["photo.png", PROMPT, "--out", str(tmp_path / "ft.safetensors"), "--base", base,
                              "--steps", "10"])
     return args, sd, optimizers, torch.Generator().manual_seed(0)
@@ -1056,7 +1063,7 @@ def test_disk_full_while_saving_weights_keeps_the_earlier_file(tiny_training, tm
     def half_then_no_space(f, *args, **kwargs):  # as a write() fails on a full disk
         f.write(b"half a file")
         no_space()
-    monkeypatch.setattr(sine if failing == "finetuned" else train, "write_safetensors", half_then_no_space)
+    monkeypatch.setattr(finetuned_file if failing == "finetuned" else train, "write_safetensors", half_then_no_space)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         train.save(args, sd, optimizers, generator, 7, Image.fromarray(photo_array()), resumable=True, loss_before=0.1)
@@ -1214,7 +1221,7 @@ def test_out_of_memory_while_training(root, tmp_path, monkeypatch, capsys, check
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "PROGRAM_DIR", root)
     monkeypatch.setattr(signal, "signal", lambda *a: None)
-    monkeypatch.setattr(sine, "training_step", oom)
+    monkeypatch.setattr(sine, "step_loss", oom)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         train.main(["photo.png", PROMPT, "--steps", "5", checkpointing])
@@ -1328,7 +1335,7 @@ def test_typographic_ellipsis_continues_the_training_prompt():
 @pytest.mark.parametrize("height, width, expected", [(None, 512, (320, 512)), (512, None, (512, 768)),
                                                      (None, None, (512, 768)), (256, 1024, (256, 1024))])
 def test_one_given_side_keeps_the_photos_aspect(height, width, expected):
-    assert edit.default_size((451, 300), height, width) == expected  # (w, h) of the photo -> (height, width)
+    assert pictures.default_size((451, 300), height, width) == expected  # (w, h) of the photo -> (height, width)
 
 
 @pytest.mark.parametrize("capability, native", [((6, 1), False), ((7, 0), False), ((7, 5), False), ((8, 0), True),
@@ -1452,25 +1459,25 @@ def test_steps_strip_shows_every_step_and_marks_the_guided_ones(root, tmp_path):
     image_path, strip_path = result.stdout.split()
     image_name, strip_name = os.path.basename(image_path), os.path.basename(strip_path)
     assert strip_name[len("00001-"):] == image_name[len("00000-"):-len(".png")] + "-steps.png"  # the next number
-    band = edit.LABEL_HEIGHT  # each row of cells has its labels in a band above it
+    band = pictures.LABEL_HEIGHT  # each row of cells has its labels in a band above it
     with Image.open(tmp_path / strip_path) as strip:
-        # 12 steps, 10 a row; under each step two rows: the pre-trained and the fine-tuned model alone,
-        # which the last steps (unguided) do not need
-        assert strip.size == (10 * 128, (3 + 1) * (band + 64))
+        # 12 steps, 10 a row; under each step three rows: the pre-trained and the fine-tuned model alone
+        # in Eq. 3, and the fine-tuned model's own guidance, which the last steps (unguided) do not need
+        assert strip.size == (10 * 128, (4 + 1) * (band + 64))
     from model.ddim import ddim_timesteps
     is_guided = [t > 500 for t in ddim_timesteps(12).tolist()]
     assert 0 < sum(is_guided) < 12
     pixels = np.asarray(Image.open(tmp_path / strip_path).convert("L"))
 
-    def cell(step, row):  # (label band, picture) of a step's row: 0 the mix, 1 and 2 each model alone
+    def cell(step, row):  # (label band, picture) of a step's row: 0 the mix, 1 and 2 each model alone, 3 own CFG
         r, c = divmod(step, 10)
-        top = (3 * r + row) * (band + 64)
+        top = (4 * r + row) * (band + 64)
         return pixels[top:top + band, c * 128:(c + 1) * 128], pixels[top + band:top + band + 64, c * 128:(c + 1) * 128]
 
     # the labels: those of guided steps are longer ("t=917 guided"), so their text reaches further right
     label_width = [int(np.flatnonzero((cell(i, 0)[0] < 128).any(axis=0)).max()) for i in range(12)]
     assert [w > min(label_width) + 30 for w in label_width] == is_guided
     for i, guided in enumerate(is_guided):  # each model alone: under guided steps only, labelled
-        for row in (1, 2):
+        for row in (1, 2, 3):
             label, picture = cell(i, row)
             assert (label < 128).any() == guided and (picture != 255).any() == guided

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import finetuned_file
 import sine
 from model import SDConfig, UNet, load_sd, lora
 from model.schedule import alphas_cumprod
@@ -44,12 +45,14 @@ def adapted(base_path, rank=4, convs=True):
 
 
 def one_step(sd, params, seed=0):
-    sine.adamw_in_backward(params, lr=1e-3)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
     canvas = sine.make_canvas(Image.new("RGB", (96, 64), (200, 40, 40)), sine.sizes_for(sd.config))
     ids = sd.tokenizer([sine.training_prompt(PROMPT)])
     full_map = sine.position_map(sd.config.unet.model_channels, sizes=sine.sizes_for(sd.config))
-    sine.training_step(sd, canvas, ids, True, torch.Generator().manual_seed(seed), alphas_cumprod(), full_map,
-                       sizes=sine.sizes_for(sd.config))
+    loss, _ = sine.step_loss(sd, canvas, ids, True, torch.Generator().manual_seed(seed), alphas_cumprod(), full_map,
+                             sizes=sine.sizes_for(sd.config))
+    loss.backward()
+    optimizer.step()
 
 
 def test_targets_are_attention_and_the_convs_around_the_map(base_path):
@@ -91,14 +94,14 @@ def test_the_file_holds_the_adapters_alone_and_merges_to_the_trained_model(base_
     sd, params = adapted(base_path, rank=2)
     one_step(sd, params)
     path = str(tmp_path / "lora.safetensors")
-    sine.save_finetuned(path, sd, base_path, {"prompt": PROMPT})
+    finetuned_file.save_finetuned(path, sd, base_path, {"prompt": PROMPT})
     with safe_open(path, framework="pt") as f:
         assert f.metadata()["lora_rank"] == "2" and f.metadata()["lora_alpha"] == "2.0"
         assert len(list(f.keys())) == len(params)
         assert all(".lora_down." in k or ".lora_up." in k for k in f.keys())
     assert os.path.getsize(path) < sum(p.numel() for p in params) * 4 + 100_000
     expected = weights(merged(sd))
-    loaded = weights(sine.apply_finetuned(load_sd(base_path), path))
+    loaded = weights(finetuned_file.apply_finetuned(load_sd(base_path), path))
     assert all(torch.equal(expected[k], loaded[k]) for k in expected)
 
 
@@ -109,7 +112,7 @@ def test_a_lora_file_with_nan_is_refused_as_a_full_one_is(base_path, tmp_path, o
     sd, params = adapted(base_path, rank=2)
     one_step(sd, params)
     path, broken = str(tmp_path / "lora.safetensors"), str(tmp_path / "broken.safetensors")
-    sine.save_finetuned(path, sd, base_path, {"prompt": PROMPT})
+    finetuned_file.save_finetuned(path, sd, base_path, {"prompt": PROMPT})
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
     tensors = load_file(path)
@@ -117,7 +120,7 @@ def test_a_lora_file_with_nan_is_refused_as_a_full_one_is(base_path, tmp_path, o
     tensors[key][0, 0] = float("inf")
     save_file(tensors, broken, metadata=metadata)
     with pytest.raises(ValueError, match=f"broken.safetensors holds nan or inf values \\({key}\\)"):
-        sine.apply_finetuned(load_sd(base_path), broken)
+        finetuned_file.apply_finetuned(load_sd(base_path), broken)
 
 
 def test_export_loads_in_diffusers_and_matches_our_merged_model(base_path, tmp_path, one_thread):
@@ -130,7 +133,7 @@ def test_export_loads_in_diffusers_and_matches_our_merged_model(base_path, tmp_p
         for p in params:
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))  # B too: every path counts
     finetuned = str(tmp_path / "lora.safetensors")
-    sine.save_finetuned(finetuned, sd, base_path, {"prompt": PROMPT, "steps": 1, "planned_steps": 1})
+    finetuned_file.save_finetuned(finetuned, sd, base_path, {"prompt": PROMPT, "steps": 1, "planned_steps": 1})
     exported = str(tmp_path / "kohya.safetensors")
     subprocess.run([sys.executable, "export.py", finetuned, "--lora", "--fp32", "--base", base_path, "--out", exported],
                    cwd=REPO, check=True, capture_output=True)

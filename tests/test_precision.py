@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cli
-import sine
+import finetuned_file
 from model import load_sd
 from model.tiny import TINY, write_checkpoint
 from tools.precision import compare, fine_tune, noise_prediction, noisy_inputs, trainable
@@ -37,7 +37,7 @@ def folder(tmp_path_factory):
 
 
 @functools.cache
-def finetuned_file(folder, kind):
+def finetuned_pair(folder, kind):
     """(base, fine-tuned file) with a difference of SD v1's share of the weights: trained, in the
     direction of 4 real steps; incoherent, in a random direction, which a layer's output sums
     without a gradient's coherence, so that rounding costs the most (the worst case: the random-walk
@@ -57,7 +57,7 @@ def finetuned_file(folder, kind):
         for name, p in trainable(sd).items():
             p.copy_(start[name] + delta[name] * scale)
     path = str(folder / f"{kind}.safetensors")
-    sine.save_finetuned(path, sd, base, {"prompt": "a photo of a [*] cat", "position_map": True,
+    finetuned_file.save_finetuned(path, sd, base, {"prompt": "a photo of a [*] cat", "position_map": True,
                                          "source_size": "128x128", "steps": 4})
     return base, path
 
@@ -69,7 +69,7 @@ def finetune_change(files, precision, device="cpu"):
     base, finetuned = files
     dtype = precision.finetuned
     inputs = noisy_inputs(load_sd(base), latent=8)
-    ft = sine.load_finetuned(base, finetuned, device, dtype)
+    ft = finetuned_file.load_finetuned(base, finetuned, device, dtype)
     outer = cli.autocast_to(torch.device(device), precision.base)
     return (noise_prediction(ft.unet, dtype, inputs, outer, device) -
             noise_prediction(load_sd(base, device, dtype).unet, dtype, inputs, outer, device))
@@ -81,10 +81,10 @@ def kept(files, precision, device="cpu"):
 
 
 def test_the_difference_is_added_before_rounding(folder):
-    base, finetuned = finetuned_file(folder, "incoherent")
+    base, finetuned = finetuned_pair(folder, "incoherent")
     for dtype in (torch.float16, torch.bfloat16):
-        loaded = sine.load_finetuned(base, finetuned, dtype=dtype).unet.input_blocks[1][0].in_layers[2].weight
-        exact = sine.apply_finetuned(load_sd(base), finetuned).unet.input_blocks[1][0].in_layers[2].weight
+        loaded = finetuned_file.load_finetuned(base, finetuned, dtype=dtype).unet.input_blocks[1][0].in_layers[2].weight
+        exact = finetuned_file.apply_finetuned(load_sd(base), finetuned).unet.input_blocks[1][0].in_layers[2].weight
         assert loaded.dtype == dtype and torch.equal(loaded, exact.to(dtype))
 
 
@@ -96,7 +96,7 @@ DEVICES = {"A100+": ("cuda", (8, 0), False), "T4/V100": ("cuda", (7, 5), False),
 @pytest.mark.parametrize("kind", ["trained", "incoherent"])
 def test_every_default_keeps_the_finetune(folder, monkeypatch, kind):
     """edit.py's default on each kind of device, computed here on the CPU in the same dtypes."""
-    files = finetuned_file(folder, kind)
+    files = finetuned_pair(folder, kind)
     for device, (device_type, capability, native_bf16) in DEVICES.items():
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: native_bf16)
@@ -108,7 +108,7 @@ def test_every_default_keeps_the_finetune(folder, monkeypatch, kind):
 def test_bf16_would_lose_the_finetune(folder):
     """Why the fine-tuned UNets do not sample in bf16, and what makes the test above able to fail:
     in the worst case bf16 keeps too little of the change."""
-    result = kept(finetuned_file(folder, "incoherent"), cli.Precision(torch.bfloat16, torch.bfloat16))
+    result = kept(finetuned_pair(folder, "incoherent"), cli.Precision(torch.bfloat16, torch.bfloat16))
     assert result["cosine"] < KEEPS, result
 
 

@@ -20,7 +20,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-ONE_MINUTE_CHECK = "### One-minute check, no download"
+ONE_MINUTE_CHECK = "## One-minute check, no download"
 TOY_SECTION = "## See it work without a GPU"
 
 
@@ -49,6 +49,9 @@ def run(command, cwd, tmp):
     assert result.returncode == 0, f"README command failed ({result.returncode}): {command}\n{result.stderr[-3000:]}"
     assert "warning: the loss" not in result.stderr, f"{command}: the loss blew up at the lr the README gives"
     printed = [line for line in result.stdout.splitlines() if line.strip()]
+    if command.startswith("python -m toy.score"):  # the one command that prints a score, not a path
+        assert len(printed) == 1 and re.match(r"fidelity [01]\.\d\d: ", printed[0]), printed
+        return printed
     assert printed, f"{command} printed no path"
     for path in printed:
         assert os.path.isfile(os.path.join(cwd, path)), f"{command} printed {path}, which does not exist"
@@ -80,7 +83,7 @@ def test_one_minute_check_runs_as_written(tmp_path):
 @pytest.fixture
 def user_folder(tmp_path):
     """The program as a user holds it, with a tiny checkpoint as the one file in weights/."""
-    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py"):
+    for name in ("train.py", "edit.py", "cli.py", "sine.py", "outputs.py", "export.py", "pictures.py", "finetuned_file.py", "adamw.py"):
         shutil.copy(os.path.join(REPO, name), tmp_path / name)
     for folder in ("model", "tools", "weights", "examples"):
         shutil.copytree(os.path.join(REPO, folder), tmp_path / folder,
@@ -109,3 +112,13 @@ def test_every_other_command_runs(user_folder, tmp_path):
             assert len(printed) == 9 + 1, "a 3 x 3 sweep writes nine images and a grid"
         ran += 1
     assert ran >= 4
+
+
+def test_the_pages_stay_short_and_open_with_what_they_found():
+    """The README at most 1,800 words; the toy's page at most 1,500, its summary (at most 10 lines)
+    first, before any command or table."""
+    words = lambda path: len(open(os.path.join(REPO, path), encoding="utf-8").read().split())
+    assert words("README.md") <= 1800 and words(os.path.join("toy", "README.md")) <= 1500
+    with open(os.path.join(REPO, "toy", "README.md"), encoding="utf-8") as f:
+        lines = f.read().split("\n\n")[1].splitlines()  # the first paragraph after the title
+    assert lines[0].startswith("**What it found.**") and len(lines) <= 10, lines

@@ -211,3 +211,20 @@ def test_a_reduced_replication_shows_effects_1_and_2(tmp_path, capsys):
     assert effect1["fidelity, patch"] - effect1["fidelity, no-patch"] > SEED_SPREAD["effect 1, fidelity"]
     assert effect2["fidelity, SINE"] - effect2["fidelity, pre-trained alone"] > SEED_SPREAD["effect 2, fidelity"]
     assert effect2["edit, SINE"] - effect2["edit, fine-tuned alone"] > SEED_SPREAD["effect 2, edit"]
+    assert 0 < effect1["fidelity, perfect patch model"] <= 1, "the yardstick column is filled"
+
+
+def test_the_perfect_patch_model_predicts_the_noise_that_leads_back_to_the_source():
+    """Effect 1's yardstick: for a z_t made from the source's latent, it returns exactly that noise,
+    so that a DDIM step with it lands on the source's latent."""
+    import torch
+    from model.schedule import add_noise, alphas_cumprod, predict_x0
+    from toy.replicate import PerfectPatchModel
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(1, 4, 16, 32, generator=g), torch.randn(1, 4, 16, 32, generator=g)
+    for t in (1, 400, 981):
+        t = torch.tensor([t])
+        z_t = add_noise(z0, eps, t, alphas_cumprod())
+        predicted = PerfectPatchModel(z0)(z_t, t)
+        torch.testing.assert_close(predicted, eps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(predict_x0(z_t, predicted, t, alphas_cumprod()), z0, rtol=1e-4, atol=1e-4)

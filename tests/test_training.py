@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import adamw
+import finetuned_file
 import sine
+import train
 from model import load_sd
 from model.schedule import alphas_cumprod
 from model.tiny import TINY
@@ -92,7 +95,7 @@ def test_training_step_trains_on_the_authors_loss(base_path, batch):
     full_map = sine.position_map(TINY.unet.model_channels)
     for patch in (True, False):
         g = torch.Generator().manual_seed(7)
-        with torch.no_grad():  # the draws of sine.training_step, in its order
+        with torch.no_grad():  # the draws of sine.step_loss, in its order
             boxes, z0 = [], []
             for _ in range(batch):
                 boxes.append(sine.sample_crop_box(g) if patch else [0, 0, sine.SD_V1.grid, sine.SD_V1.grid])
@@ -104,10 +107,10 @@ def test_training_step_trains_on_the_authors_loss(base_path, batch):
                         if patch else None)
             mse, recon = authors_loss(sd.unet, z0, sd.text_encoder(ids).expand(batch, -1, -1), t, noise, position)
         expected = mse + recon if patch else mse
-        loss, timesteps = sine.training_step(sd, canvas(), ids, patch, torch.Generator().manual_seed(7),
-                                             alphas_cumprod(), full_map if patch else None, batch=batch)
-        assert timesteps == t.tolist()
-        assert loss == pytest.approx(expected.item(), rel=2e-5), f"patch={patch}"
+        loss, timesteps = sine.step_loss(sd, canvas(), ids, patch, torch.Generator().manual_seed(7),
+                                         alphas_cumprod(), full_map if patch else None, batch=batch)
+        assert timesteps.tolist() == t.tolist()
+        assert loss.item() == pytest.approx(expected.item(), rel=2e-5), f"patch={patch}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,23 +135,28 @@ def test_adamw_in_backward_is_bitwise_torch_adamw(base_path, fused, checkpointin
     full_map = sine.position_map(TINY.unet.model_channels)
 
     ours = trainable_model(base_path, checkpointing)
-    optimizers = sine.adamw_in_backward(trainable(ours), lr, weight_decay=0.01, fused=fused)
+    optimizers = adamw.InBackward(trainable(ours), lr, weight_decay=0.01, fused=fused).per_weight
     most_gradients, params = [0], trainable(ours)
 
-    def count(_):  # runs after adamw_in_backward's hook: how many gradients are alive right now
+    def count(_):  # runs after adamw.InBackward's hook: how many gradients are alive right now
         most_gradients[0] = max(most_gradients[0], sum(p.grad is not None for p in params))
     for p in params:
         p.register_post_accumulate_grad_hook(count)
     g = torch.Generator().manual_seed(0)
-    our_losses = [sine.training_step(ours, canvas(), ids, True, g, alphas_cumprod(), full_map)[0]
-                  for _ in range(steps)]
+    our_losses = []
+    for _ in range(steps):  # backward alone: adamw.InBackward updates in it
+        loss, _ = sine.step_loss(ours, canvas(), ids, True, g, alphas_cumprod(), full_map)
+        loss.backward()
+        our_losses.append(loss.item())
 
     reference = trainable_model(base_path, checkpointing)
     optimizer = torch.optim.AdamW(trainable(reference), lr=lr, weight_decay=0.01, foreach=False, fused=fused)
     g = torch.Generator().manual_seed(0)
     reference_losses = []
-    for _ in range(steps):  # with no hooks, training_step's backward leaves the gradients in .grad
-        reference_losses.append(sine.training_step(reference, canvas(), ids, True, g, alphas_cumprod(), full_map)[0])
+    for _ in range(steps):  # the usual way: backward leaves every gradient in .grad for the step
+        loss, _ = sine.step_loss(reference, canvas(), ids, True, g, alphas_cumprod(), full_map)
+        loss.backward()
+        reference_losses.append(loss.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -170,20 +178,19 @@ def test_train_py_steps_a_small_model_after_backward_to_the_same_weights(base_pa
     """train.py frees large gradients during backward and keeps a small model's for one AdamW after it:
     the same run both ways gives the same weights and AdamW state at every save, bitwise."""
     import signal
-    import train
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # train.main must not take over pytest's Ctrl-C
     Image.fromarray((np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
     in_backward, saves = [], []
-    real_adamw_in_backward, real_save = sine.adamw_in_backward, train.save
-    monkeypatch.setattr(sine, "adamw_in_backward", lambda *a, **k: in_backward.append(True) or real_adamw_in_backward(*a, **k))
+    real_in_backward, real_save = adamw.InBackward, train.save
+    monkeypatch.setattr(adamw, "InBackward", lambda *a, **k: in_backward.append(True) or real_in_backward(*a, **k))
 
     def recording_save(args, sd, optimizers, *rest):
         saves.append({name: (p.detach().clone(), {k: v.clone() for k, v in optimizers[p].state[p].items()})
                       for name, p in train.trainable_parameters(sd)})
         return real_save(args, sd, optimizers, *rest)
     monkeypatch.setattr(train, "save", recording_save)
-    for small in (train.SMALL, 0):  # the tiny model is small; with SMALL = 0, nothing is
-        monkeypatch.setattr(train, "SMALL", small)
+    for small in (adamw.SMALL, 0):  # the tiny model is small; with SMALL = 0, nothing is
+        monkeypatch.setattr(adamw, "SMALL", small)
         train.main([str(tmp_path / "photo.png"), PROMPT, "--base", base_path, "--steps", "3", "--save-every", "2",
                     "--lr", "1e-3", "--out", str(tmp_path / f"small-{small}.safetensors"), "--no-grad-checkpointing"])
     assert in_backward == [True], "only the run with SMALL = 0 steps in backward"
@@ -199,9 +206,8 @@ def test_train_py_steps_a_small_model_after_backward_to_the_same_weights(base_pa
 
 
 def test_gradient_checkpointing_is_on_by_default_for_a_large_model_only(base_path, monkeypatch):
-    import train
-    for small, expected in ((train.SMALL, False), (0, True)):  # the tiny model is small; with SMALL = 0, nothing is
-        monkeypatch.setattr(train, "SMALL", small)
+    for small, expected in ((adamw.SMALL, False), (0, True)):  # the tiny model is small; with SMALL = 0, nothing is
+        monkeypatch.setattr(adamw, "SMALL", small)
         args = train.parse_args(["photo.png", PROMPT, "--base", base_path])
         args.unfinished = None
         sd = load_sd(base_path)
@@ -212,19 +218,24 @@ def test_gradient_checkpointing_is_on_by_default_for_a_large_model_only(base_pat
 # ---------------------------------------------------------------------------------------------
 # Divergence
 
-def test_a_nan_loss_stops_before_any_weight_changes(base_path):
-    sd = trainable_model(base_path)
-    sine.adamw_in_backward(trainable(sd), lr=1e-3)
-    with torch.no_grad():
-        sd.unet.out[2].bias[0] = math.nan
-    before = [p.clone() for p in trainable(sd)]
-    ids = sd.tokenizer([sine.training_prompt(PROMPT)])
-    with pytest.raises(sine.NonFiniteLoss):
-        sine.training_step(sd, canvas(), ids, True, torch.Generator().manual_seed(0), alphas_cumprod(),
-                           sine.position_map(TINY.unet.model_channels))
-    for after, earlier in zip(trainable(sd), before):
-        torch.testing.assert_close(after, earlier, rtol=0, atol=0, equal_nan=True)
-    assert all(p.grad is None for p in trainable(sd))
+def test_a_nan_loss_stops_the_run_before_backward(base_path, tmp_path, monkeypatch):
+    """train.py's loop checks the loss before backward: no gradient, no update, nothing saved."""
+    import signal
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # train.main must not take over pytest's Ctrl-C
+    backward_ran, real_step_loss = [], sine.step_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, t = real_step_loss(*args, **kwargs)
+        loss = loss * math.nan
+        loss.register_hook(lambda grad: backward_ran.append(True))
+        return loss, t
+    monkeypatch.setattr(sine, "step_loss", nan_loss)
+    Image.new("RGB", (96, 80), (90, 30, 200)).save(tmp_path / "photo.png")
+    out = tmp_path / "ft.safetensors"
+    with pytest.raises(SystemExit) as stopped:
+        train.main([str(tmp_path / "photo.png"), PROMPT, "--base", base_path, "--steps", "2", "--out", str(out)])
+    assert "the loss became nan at step 1" in str(stopped.value.code) and "nothing was saved" in str(stopped.value.code)
+    assert not backward_ran and not out.exists()
 
 
 @pytest.mark.parametrize("change", [math.nan, math.inf, 1e5], ids=["nan", "inf", "over-fp16"])
@@ -233,6 +244,6 @@ def test_save_finetuned_refuses_non_finite_weights(base_path, tmp_path, change):
     with torch.no_grad():
         sd.unet.input_blocks[0][0].weight[0, 0, 0, 0] += change
     path = tmp_path / "ft.safetensors"
-    with pytest.raises(sine.NonFiniteWeights, match="input_blocks.0.0.weight"):
-        sine.save_finetuned(str(path), sd, base_path, {"prompt": PROMPT})
+    with pytest.raises(finetuned_file.NonFiniteWeights, match="input_blocks.0.0.weight"):
+        finetuned_file.save_finetuned(str(path), sd, base_path, {"prompt": PROMPT})
     assert list(tmp_path.iterdir()) == [], "nothing, not even a temporary file, is written"

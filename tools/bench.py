@@ -193,12 +193,12 @@ def sd_config(tiny):
 
 def ours_load(job, device, finetuned=False):
     import cli
-    import sine
+    import finetuned_file
     from model import load_sd
     cli.use_huge_pages()  # as train.py and edit.py do before loading
     sd = load_sd(job.files["fp32"], device=device)
     if finetuned:
-        sine.apply_finetuned(sd, job.files["finetuned"])
+        finetuned_file.apply_finetuned(sd, job.files["finetuned"])
     return sd
 
 
@@ -242,9 +242,9 @@ def ours_edit(job, device):
 def ours_train(job, device):
     """What train.py's main does per step (patch mode). With job.adamw_after_backward, SD v1's step as
     it was before AdamW moved into backward: one AdamW over all parameters once every gradient is in."""
+    import adamw
     import cli
     import sine
-    import train
     from model import lora
     sd = ours_load(job, device)
     params = [p for module in sine.trainable_parts(sd).values() for p in module.train().requires_grad_(True).parameters()]
@@ -255,19 +255,19 @@ def ours_train(job, device):
         optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.01, fused=device.type == "cuda")
         time_optimizer(optimizer, device, ADAMW_TIMES)
     else:  # as train.py: AdamW after backward for small ones (LoRA's adapters) or where a GPU has room, else in it
-        _, optimizer = train.make_optimizers(params, 1e-4 if job.lora else 1e-6, train.room_for_gradients(device, params))
+        optimizer, _ = adamw.make_optimizer(params, 1e-4 if job.lora else 1e-6, adamw.room_for_gradients(device, params))
     cli.speed_up(sd.unet, compile=job.compile)
     canvas, ids, full_map, alphas, generator = train_inputs(job, sd.tokenizer, device)
     region = cli.bf16_autocast(device, job.bf16)
 
     def step():
-        loss, _ = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, region)
+        loss, _ = sine.step_loss(sd, canvas, ids, True, generator, alphas, full_map, region)
+        loss.backward()  # as train.py's loop
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if device.type == "cpu":
             cli.return_freed_memory()  # as train.py
-        if optimizer is not None:  # train.py steps it after backward; in-backward AdamW needs no call
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.item()
 
     return step
 
@@ -393,7 +393,7 @@ def diffusers_edit(job, device):
 
 
 def diffusers_train(job, device):
-    """The same step as sine.training_step, with diffusers modules: same crops, noise, loss."""
+    """The same step as train.py's (sine.step_loss and backward), with diffusers modules: same crops, noise, loss."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 

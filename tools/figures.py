@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 import cli
 import sine
-from edit import grid_image, to_pil
+from pictures import grid_image, to_pil
 
 CHANNELS = 320      # SD v1's first feature map, which the position map is added to
 FREQUENCIES = CHANNELS // 4  # each axis has this many sines, then as many cosines

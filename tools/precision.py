@@ -8,7 +8,7 @@ SINE fine-tunes at lr 1e-6, so the fine-tuned weights differ from the base's by 
 in bf16 or fp16 rounds every weight; a difference much below the rounding step of the weight it
 is added to is lost, and then the fine-tuned model guides as if it were the base.
 
-growth: real training steps (sine.training_step, AdamW at --lr, train.py's set-up) on --base,
+growth: real training steps (sine.step_loss, AdamW at --lr, train.py's set-up) on --base,
 printing after each step how far the weights have moved (RMS of w_ft - w_base) and which share of
 the differences bf16 and fp16 weights still see. Writes the last difference (fp32) to --out.
 
@@ -64,11 +64,12 @@ def fine_tune(sd, steps, lr=1e-6, batch=1, after_step=None):
     trainable weights move in place. after_step(step, loss) is called after each."""
     import cli
     import sine
+    import adamw
     from model.schedule import alphas_cumprod
     for module in sine.trainable_parts(sd).values():
         module.train().requires_grad_(True)
     params = trainable(sd)
-    sine.adamw_in_backward(list(params.values()), lr, fused=True)
+    adamw.InBackward(list(params.values()), lr, fused=True)
     sd.unet.gradient_checkpointing = 4 * sum(p.numel() for p in params.values()) > 256 * 2**20
     sizes = sine.sizes_for(sd.config)
     canvas = sine.make_canvas(cli.load_image(PHOTO), sizes)
@@ -76,7 +77,9 @@ def fine_tune(sd, steps, lr=1e-6, batch=1, after_step=None):
     full_map = sine.position_map(sd.config.unet.model_channels, sizes=sizes)
     generator, alphas = torch.Generator().manual_seed(0), alphas_cumprod()
     for step in range(1, steps + 1):
-        loss, _ = sine.training_step(sd, canvas, ids, True, generator, alphas, full_map, sizes=sizes, batch=batch)
+        loss, _ = sine.step_loss(sd, canvas, ids, True, generator, alphas, full_map, sizes=sizes, batch=batch)
+        loss.backward()  # adamw.InBackward updates every weight in here
+        loss = loss.item()
         cli.return_freed_memory()
         if after_step:
             after_step(step, loss)

@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sine
-from edit import to_pil
+from pictures import to_pil
 from model import LATENT_SCALE, Tokenizer, load_sd
 from model.clip import TextEncoder
 from model.ddim import sample, text_to_image_eps

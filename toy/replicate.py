@@ -30,11 +30,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from PIL import Image
 
 import outputs
 import sine
-from edit import grid_image
+from model import LATENT_SCALE, load_sd
+from model.schedule import alphas_cumprod
+from pictures import grid_image, to_pil
 
 from . import score, world
 from .base import TOY_BASE
@@ -47,7 +50,7 @@ WIDE, NATIVE = (WIDTH, HEIGHT), (world.SIZE, world.SIZE)  # (width, height): eff
 # fidelity poor (Sec. 4.3), and the toy's outputs mostly lose the shape. 0.5 is the lowest v the
 # paper edits with (Fig. 19).
 K_SWEEP = (0, 200, 400, 600, 800, 1000)
-# Learning rates (every weight, LoRA adapters), measured on the toy: see toy/why-effect-1.md and
+# Learning rates (every weight, LoRA adapters), measured on the toy: see toy/notes.md and
 # toy/README.md's LoRA section.
 PATCH_LR = (4e-4, 3e-3)
 LR = (2e-4, 3e-3)
@@ -154,6 +157,48 @@ def experiments(args, seed, scene, target, folder):
     return found
 
 
+class PerfectPatchModel(torch.nn.Module):
+    """Effect 1's yardstick: a guide that knows the source's latent z0 already and predicts the noise
+    that leads back to it, eps = (z_t - sqrt(a_t) z0) / sqrt(1 - a_t). No training: in Eq. 3, at
+    the same K and v, it does what the best patch model could."""
+
+    def __init__(self, z0):
+        super().__init__()
+        self.z0, self.alphas = z0, alphas_cumprod()
+
+    def forward(self, z, t, context=None, position=None):
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        return (z - a.sqrt() * self.z0) / (1 - a).sqrt()
+
+
+@torch.no_grad()
+def perfect_patch_model(args, folder, scene, target):
+    """Effect 1's edits with the perfect patch model in place of the real one, sampled in-process as
+    edit.py samples (fp32, the same seeds and starting noise): one row each, as records() makes."""
+    sd = load_sd(args.base)
+    source, reference = world.draw(scene, *WIDE), world.draw(target, *WIDE)
+    z0 = LATENT_SCALE * sd.vae.encode(sine.to_tensor(source, (HEIGHT, WIDTH)))[0]  # the mean: (1, 4, h, w)
+    encode = lambda text: sd.text_encoder(sd.tokenizer([text]))
+    guide = sine.Guide(PerfectPatchModel(z0), None, None, v=V_EDIT, K=K_EDIT)
+    cond, uncond = encode(prompt(target)), encode("")
+    os.makedirs(os.path.join(folder, "perfect"), exist_ok=True)
+    rows = []
+    for seed in range(args.samples):
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(z0.shape, generator=generator)
+        image = to_pil(sine.edit(sd, [guide], cond, uncond, noise, 7.5, args.ddim_steps, 0.0, generator, progress=False))
+        path = os.path.join(folder, "perfect", f"seed{seed}.png")
+        image.save(path)
+        rows.append({"condition": PERFECT, "path": os.path.relpath(path, ROOT), "seed": seed, "K": float(K_EDIT),
+                     "v": float(V_EDIT), "target": prompt(target), "fidelity": round(score.fidelity(image, source), 4),
+                     "edit": round(score.edit(image, source, reference), 4),
+                     "objects": score.components(score.object_mask(image))})
+    return rows
+
+
+PERFECT = "SINE, perfect patch model"
+
+
 def records(found, scene, target):
     """One row per output, scored against the scene and the target drawn at the output's size: 2:1
     for effects 1 and 3, 1:1 for effect 2."""
@@ -205,6 +250,7 @@ def effects(rows):
     found = {
         "1: position map keeps the layout at 2:1": {
             "fidelity, patch": c(patch, "fidelity"), "fidelity, no-patch": c(nopatch, "fidelity"),
+            "fidelity, perfect patch model": c(PERFECT, "fidelity"),
             "objects, patch": c(patch, "objects"), "objects, no-patch": c(nopatch, "objects"),
             "shows": c(patch, "fidelity") > c(nopatch, "fidelity")},
         "2: model-based guidance": {
@@ -243,8 +289,9 @@ def replicate(args, seed):
     scene, target = source_and_target(seed)
     print(f"seed {seed}: {scene.caption()} -> {target.pattern}", flush=True)
     rows = records(experiments(args, seed, scene, target, folder), scene, target)
+    rows += perfect_patch_model(args, folder, scene, target)
     source, native = world.draw(scene, WIDTH, HEIGHT), world.draw(scene)
-    labelled_grid(source, rows, [("SINE, patch model", {}), ("SINE, --no-patch model", {})],
+    labelled_grid(source, rows, [("SINE, patch model", {}), ("SINE, --no-patch model", {}), (PERFECT, {})],
                   os.path.join(folder, "effect1.png"))
     labelled_grid(native, rows, [("fine-tuned model alone", {}), ("pre-trained model alone", {}), ("SINE at 1:1", {})],
                   os.path.join(folder, "effect2.png"))
@@ -256,7 +303,7 @@ def replicate(args, seed):
 
 
 def table(results):
-    lines = ["| seed | source -> target | 1: fidelity patch / no-patch | 2: edit ft alone / SINE, "
+    lines = ["| seed | source -> target | 1: fidelity patch / no-patch / perfect | 2: edit ft alone / SINE, "
              "fidelity pre-trained alone / SINE | 3: fidelity ~ K, edit ~ K, fidelity ~ v, edit ~ v | shown |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -265,7 +312,8 @@ def table(results):
         sweeps = (f"{e3['fidelity ~ K']:+.2f}, {e3['edit ~ K']:+.2f}, {e3['fidelity ~ v']:+.2f}, "
                   f"{e3['edit ~ v']:+.2f}" if e3 else "not run")
         lines.append(f"| {r['seed']} | {r['source'].split(' on ')[0][2:]} -> {r['target'].split()[1]} | "
-                     f"{e1['fidelity, patch']:.2f} / {e1['fidelity, no-patch']:.2f} | "
+                     f"{e1['fidelity, patch']:.2f} / {e1['fidelity, no-patch']:.2f} / "
+                     f"{e1['fidelity, perfect patch model']:.2f} | "
                      f"{e2['edit, fine-tuned alone']:.2f} / {e2['edit, SINE']:.2f}, "
                      f"{e2['fidelity, pre-trained alone']:.2f} / {e2['fidelity, SINE']:.2f} | "
                      f"{sweeps} | {shown} |")

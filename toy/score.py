@@ -9,7 +9,13 @@
 The object is whatever differs from the background, and the background is the colour of most of
 the picture's border. Sizes may differ: the source's mask is stretched to the output's size first,
 as SINE's position map stretches the photo's layout.
+
+    python -m toy.score SOURCE EDIT   # EDIT: a PNG, or a folder, whose newest edit.py PNG is scored
 """
+import argparse
+import glob
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -127,3 +133,27 @@ def components(mask):
                     stack.append((ny, nx))
         count += size >= 0.01 * mask.size
     return count
+
+
+def newest_edit(folder):
+    """The edit.py PNG with the highest counter in folder, its --strip pictures and grids left out."""
+    pngs = [p for p in glob.glob(os.path.join(folder, "[0-9]*.png")) if not p.endswith(("-steps.png", "-grid.png"))]
+    if not pngs:
+        raise SystemExit(f"error: {folder} holds no PNG from edit.py")
+    return max(pngs, key=lambda p: int(os.path.basename(p).split("-")[0]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The fidelity of a toy edit to its source, and what the edit shows.")
+    p.add_argument("source", help="the photo that was fine-tuned on")
+    p.add_argument("edit", help="an edit's PNG, or the folder of edit.py's PNGs (the newest is scored)")
+    args = p.parse_args(argv)
+    path = args.edit if os.path.isfile(args.edit) else newest_edit(args.edit)
+    with Image.open(args.source) as source, Image.open(path) as image:
+        score, stripes, (_, shape, colour, background) = fidelity(image, source), stripe_strength(image), describe(image)
+    stripes = "none" if stripes is None else f"{stripes:.2f}"
+    print(f"fidelity {score:.2f}, stripes {stripes}: {colour} {shape} on {background} ({os.path.basename(path)})")
+
+
+if __name__ == "__main__":
+    main()
