@@ -50,7 +50,7 @@ def run(command, cwd, tmp):
     assert "warning: the loss" not in result.stderr, f"{command}: the loss blew up at the lr the README gives"
     printed = [line for line in result.stdout.splitlines() if line.strip()]
     if command.startswith("python -m toy.score"):  # the one command that prints a score, not a path
-        assert len(printed) == 1 and re.match(r"fidelity [01]\.\d\d: ", printed[0]), printed
+        assert len(printed) == 1 and re.match(r"fidelity [01]\.\d\d, stripes (\d\.\d\d|none): ", printed[0]), printed
         return printed
     assert printed, f"{command} printed no path"
     for path in printed:
