@@ -9,7 +9,7 @@ The method, top to bottom. Stable Diffusion v1 itself lives in model/.
   4. Model-based classifier-free guidance (Sec. 3.2, Eq. 2 and 3) and the sampler.
 
 What is not the method lives elsewhere: the fine-tuned file's format in finetuned_file.py, reading
-photos and the speed switches in cli.py, AdamW's memory-saving update during backward in train.py.
+photos and the speed switches in cli.py, AdamW's memory-saving update during backward in adamw.py.
 
 Numbers that the paper leaves open come from the authors' code; SOURCES.md says, choice by choice,
 what the paper says, what the authors' code does and what we do.

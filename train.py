@@ -139,10 +139,11 @@ def check_args(args):
                          f"{os.path.splitext(args.out)[0]}.safetensors")
     cli.check_writable_folder(args.out)
     folder = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.isdir(folder):  # made now, removed again if this run saves nothing
-        args.made.insert(0, folder)
-        folder = os.path.dirname(folder)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    missing = folder
+    while not os.path.isdir(missing):  # made now, removed again by main if this run saves nothing
+        args.made.insert(0, missing)
+        missing = os.path.dirname(missing)
+    os.makedirs(folder, exist_ok=True)
     args.lock = lock_run(args.out)  # first: a run still going is the likelier story than any below
     if args.resume and not os.path.exists(resume_path(args.out)):
         raise ValueError(f"--resume: no resume state at {resume_path(args.out)}; it is saved every --state-every "
@@ -314,7 +315,8 @@ def forget_earlier_run(args):
     """At an --overwrite run's first save: delete the earlier run's files, those it has not rewritten."""
     for path, stat in args.earlier:
         try:
-            if os.path.samestat(stat, os.stat(path)) and stat.st_mtime_ns == os.stat(path).st_mtime_ns:
+            now = os.stat(path)
+            if os.path.samestat(stat, now) and stat.st_mtime_ns == now.st_mtime_ns:
                 os.remove(path)
         except OSError:
             pass
@@ -624,25 +626,25 @@ def train(args, sd, image, device, stop):
     its position map where it lies. Saves now and then and at the end; returns the last step done."""
     run = prepare(args, sd, image, device)
     watch = Watch(args, run.step, run.loss_before)  # the loss log, previews, the blow-up warning
-    step, last_save = run.step, time.monotonic()
+    step, last_save, hint = run.step, time.monotonic(), memory_hint(args, device)
     with tqdm(total=args.steps, initial=step, desc="fine-tuning") as bar:  # closed before any error prints
         while step < args.steps and not stop.signal:  # Ctrl-C and SIGTERM end the loop between steps
             started = time.perf_counter()
-            with cli.out_of_memory_hint(memory_hint(args, device)):
+            with cli.out_of_memory_hint(hint):
                 loss, t = sine.step_loss(sd, run.canvas, run.ids, args.patch, run.generator, run.alphas, run.full_map,
-                                         run.autocast, run.sizes, args.batch)  # forward on random crops
-                if not math.isfinite(loss.item()):  # before backward: no weight is touched by it
-                    diverged(args, f"the loss became {loss.item()} at step {step + 1}")
+                                         run.autocast, run.sizes, args.batch)  # forward on random crops (Sec. 3.3)
+                value, t = loss.item(), t.tolist()  # read once, before backward: a GPU waits here only
+                if not math.isfinite(value):  # before backward: no weight is touched by it
+                    diverged(args, f"the loss became {value} at step {step + 1}")
                 loss.backward()  # with adamw.InBackward (SD v1), each weight is updated in here
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
-            loss, t = loss.item(), t.tolist()
             if device.type == "cpu":
                 cli.return_freed_memory()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            watch.after_step(step, t, loss, time.perf_counter() - started, sd, image, run.autocast)
+            bar.set_postfix(loss=f"{value:.4f}")
+            watch.after_step(step, t, value, time.perf_counter() - started, sd, image, run.autocast)
             numbered = bool(args.save_every) and step % args.save_every == 0
             timed = bool(args.state_every) and time.monotonic() - last_save >= 60 * args.state_every
             if (numbered or timed) and step < args.steps:

@@ -87,7 +87,7 @@ def test_patch_loss_is_the_authors(base_path, t):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_training_step_trains_on_the_authors_loss(base_path, batch):
-    """Through training_step, with its own crops, encoding and draws: patch mode adds the term,
+    """Through sine.step_loss, with its own crops, encoding and draws: patch mode adds the term,
     the whole-image ablation (--no-patch) is the eps-MSE alone. With --batch 2, the authors' loss of
     a batch of two crops (their code's batch_size)."""
     sd = trainable_model(base_path)
